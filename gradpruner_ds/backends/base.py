@@ -1,0 +1,98 @@
+"""What the pruner needs from a training engine, and the single-process (plain PyTorch) engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradpruner_ds.core.igia import Key
+from gradpruner_ds.core.plan import PrunePlan
+
+
+class Backend:
+    """One process, no sharding: gradients, weights and the optimizer are plain PyTorch objects.
+
+    Sharded engines subclass this and override the hooks: where the reduced local gradient shard is,
+    which piece of a weight this rank holds, how to sum over ranks, and how to rebuild the engine.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    # ---- collectives (identity in one process) --------------------------------------------------
+    def all_reduce_sum_(self, t: torch.Tensor) -> None:
+        """Sum ``t`` in place over all ranks."""
+
+    def all_true(self, flag: bool) -> bool:
+        """True iff ``flag`` holds on every rank."""
+        return flag
+
+    def check_plan(self, plan: PrunePlan, timeout_s: float) -> None:
+        """Fail on every rank if any rank holds a different plan (no-op in one process)."""
+
+    # ---- reading gradients and weights ------------------------------------------------------------
+    def full_grads(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, torch.Tensor]:
+        """This rank's reduced (data-parallel averaged, clipped) gradient piece of each weight."""
+        out = {}
+        for key, p in params.items():
+            if p.grad is None:
+                raise AssertionError(f"no gradient for {key}: is the weight trainable?")
+            out[key] = p.grad
+        return out
+
+    def lora_grads(
+        self, factors: Mapping[Key, tuple[nn.Parameter, nn.Parameter]]
+    ) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:
+        """Whole ``(grad(B), grad(A))`` of each LoRA pair (``factors`` maps key -> (A, B))."""
+        out = {}
+        for key, (a, b) in factors.items():
+            if a.grad is None or b.grad is None:
+                raise AssertionError(f"no LoRA gradient for {key}")
+            out[key] = (b.grad, a.grad)
+        return out
+
+    def local_weights(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, torch.Tensor]:
+        """The piece of each weight this rank owns, as a tensor whose in-place edits update the model
+        (laid out like the IGIA piece of ``full_grads``)."""
+        return {k: p.data for k, p in params.items()}
+
+    def global_numel(self, p: nn.Parameter) -> int:
+        """Number of entries of the whole (unsharded) weight."""
+        return p.numel()
+
+    def lora_slices(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, tuple[int, int]] | None:
+        """(offset, numel) of the flat slice of each base weight this rank holds; None = whole."""
+        return None
+
+    def after_merge(self, params: Mapping[Key, nn.Parameter]) -> None:
+        """Propagate merged master weights to any other copy the engine keeps (no-op here)."""
+
+    # ---- continuing after the surgery -------------------------------------------------------------
+    def rebuild(
+        self,
+        model: nn.Module,
+        removed_params: list[nn.Parameter],
+        optimizer: Any,
+        lr_scheduler: Any,
+    ) -> tuple[Any, Any]:
+        """Drop the removed parameters from the optimizer in place, carrying every kept parameter's
+        state (e.g. Adam's exp_avg, exp_avg_sq, step). The LR scheduler keeps pointing at the same
+        optimizer, so its schedule continues unchanged."""
+        if optimizer is not None:
+            prune_torch_optimizer_(optimizer, removed_params)
+        return optimizer, lr_scheduler
+
+
+def prune_torch_optimizer_(optimizer: torch.optim.Optimizer, removed_params: list[nn.Parameter]) -> None:
+    """Remove ``removed_params`` from a torch optimizer's groups and state, in place."""
+    gone = {id(p) for p in removed_params}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in gone]
+    for p in removed_params:
+        optimizer.state.pop(p, None)
+
+
+Reducer = Callable[[torch.Tensor], None]

@@ -1,0 +1,243 @@
+"""The ``"gradpruner"`` config block: one strictly validated pydantic model.
+
+It lives inside a DeepSpeed JSON config (DeepSpeed ignores unknown top-level keys, so we detect a
+misspelled block ourselves) or is passed directly. Every user mistake becomes a ``ValueError`` that
+starts with ``gradpruner:`` and names the rule, the value seen and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gradpruner_ds.core.scoring import CRITERIA
+from gradpruner_ds.errors import GradPrunerError, user_error
+
+BLOCK_NAME = "gradpruner"
+
+
+class GradPrunerConfig(BaseModel):
+    """GradPruner settings. Budget: ``num_drop`` (+ ``num_merge``) or ``prune_ratio`` (+ ``num_merge``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    enabled: bool = Field(True, description="Run GradPruner. false observes nothing and never prunes.")
+    mode: Literal["auto", "full", "lora"] = Field(
+        "auto",
+        description=(
+            "Gradient used for IGIA. 'full': true gradients of the linear weights (full fine-tuning). "
+            "'lora': the LoRA simulated gradient grad(B) @ grad(A) (what the paper used, via a LoRA probe). "
+            "'auto': 'lora' if the model carries peft LoRA adapters, else 'full'."
+        ),
+    )
+    criterion: str = Field(
+        "igia_sum",
+        description=(
+            "Layer-importance criterion (higher = kept). 'igia_sum' is the paper's score (reproduces "
+            "arXiv 2601.19503); 'igia_norm_sum' the reference code's unsquared-norm variant; "
+            "'igia_relative', 'obd', 'obd_residual' are normalised / second-order alternatives "
+            "(docs/criteria.md)."
+        ),
+    )
+    window_steps: int | None = Field(
+        None, ge=1, description="Observation window in optimizer steps (the paper: about 1% of one epoch)."
+    )
+    window_fraction: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Observation window as a fraction of the run's total optimizer steps (instead of window_steps).",
+    )
+    num_drop: int | None = Field(None, ge=0, description="Decoder layers dropped outright (the lowest scores).")
+    prune_ratio: float | None = Field(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="Fraction of decoder layers removed in total (dropped + merged), rounded to the nearest "
+        "layer; instead of num_drop.",
+    )
+    num_merge: int = Field(
+        0,
+        ge=0,
+        description="Pruned layers (the next lowest after the dropped ones) merged into the nearest kept layer below.",
+    )
+    keep_fraction: float = Field(
+        0.2,
+        gt=0.0,
+        le=1.0,
+        description="Top-p fraction of a merged matrix's entries (by its IGIA) that is merged (0.2 = sparsity 80%).",
+    )
+    sign_consistent: bool = Field(
+        True, description="Merge only where the merged weight's sign equals the kept weight's (the paper's rule)."
+    )
+    lora_adapter: str = Field("default", description="peft adapter name read in 'lora' mode.")
+    output_dir: str | None = Field(
+        None, description="Where the report (JSON + PNG) and plan are written; none = no files."
+    )
+    plot: bool = Field(True, description="Write a PNG plot of the layer scores next to the JSON report.")
+    progress_bar: bool = Field(True, description="Show a progress bar for the observation window on rank 0.")
+    consensus_timeout_s: float = Field(
+        300.0, gt=0.0, description="Seconds a rank waits for the others to agree on the plan before failing."
+    )
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, v: str) -> str:
+        if v not in CRITERIA:
+            raise ValueError(f"criterion must be one of {sorted(CRITERIA)}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_fields(self) -> GradPrunerConfig:
+        if (self.window_steps is None) == (self.window_fraction is None):
+            raise ValueError(
+                "set exactly one of window_steps or window_fraction. Fix: keep one, e.g. \"window_steps\": 8"
+            )
+        if (self.num_drop is None) == (self.prune_ratio is None):
+            raise ValueError(
+                "set exactly one of num_drop or prune_ratio. Fix: keep one, e.g. \"num_drop\": 4 or \"prune_ratio\": 0.3"
+            )
+        return self
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, block: Mapping[str, Any]) -> GradPrunerConfig:
+        """Validate a block; every problem becomes one ``gradpruner:`` ValueError naming rule, value, fix."""
+        if not isinstance(block, Mapping):
+            raise user_error(
+                f"the '{BLOCK_NAME}' block must be a JSON object", type(block).__name__, 'write "gradpruner": {...}'
+            )
+        try:
+            return cls.model_validate(dict(block))
+        except ValidationError as exc:
+            raise _translate(exc) from None
+
+    def config_digest(self) -> str:
+        """sha256 of the canonical JSON of the settings that change the plan."""
+        keep = self.model_dump(exclude={"output_dir", "plot", "progress_bar", "consensus_timeout_s"})
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+
+    # ---- resolution against the model and the run -------------------------------------------
+    def resolve_budget(self, num_layers: int) -> tuple[int, int]:
+        """``(num_drop, num_merge)`` for a model with ``num_layers`` decoder layers."""
+        if self.num_drop is not None:
+            n_drop = self.num_drop
+        else:
+            assert self.prune_ratio is not None
+            n_remove = round(self.prune_ratio * num_layers)
+            if n_remove < self.num_merge:
+                raise user_error(
+                    f"prune_ratio x {num_layers} layers must cover num_merge={self.num_merge}",
+                    self.prune_ratio,
+                    "raise prune_ratio or lower num_merge",
+                )
+            n_drop = n_remove - self.num_merge
+        if n_drop + self.num_merge >= num_layers:
+            raise user_error(
+                f"the budget must leave at least 1 of the model's {num_layers} decoder layers "
+                f"(num_drop + num_merge = {n_drop} + {self.num_merge})",
+                n_drop + self.num_merge,
+                f"remove at most {num_layers - 1} layers",
+            )
+        if n_drop + self.num_merge == 0:
+            raise user_error("the budget removes no layer", 0, "set num_drop >= 1 or a larger prune_ratio")
+        return n_drop, self.num_merge
+
+    def resolve_window(self, total_steps: int | None) -> int:
+        """The observation window in optimizer steps, checked against the run length when known."""
+        if self.window_steps is not None:
+            window = self.window_steps
+        else:
+            if total_steps is None:
+                raise user_error(
+                    "window_fraction needs the run's total number of optimizer steps",
+                    self.window_fraction,
+                    "pass total_steps to GradPruner, or set window_steps instead",
+                )
+            assert self.window_fraction is not None
+            window = max(1, round(self.window_fraction * total_steps))
+        if total_steps is not None and window >= total_steps:
+            raise user_error(
+                f"the observation window must end before the run's last step ({total_steps} steps)",
+                window,
+                "shorten window_steps/window_fraction or train for more steps",
+            )
+        return window
+
+
+def _translate(exc: ValidationError) -> GradPrunerError:
+    fields = GradPrunerConfig.model_fields
+    msgs = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(block)"
+        value = err.get("input")
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc, list(fields), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            msgs.append(
+                f"unknown key '{loc}' in the '{BLOCK_NAME}' block (got {value!r}). Fix: {hint}"
+                f"remove it; valid keys: {', '.join(fields)}"
+            )
+            continue
+        rule = err["msg"].removeprefix("Value error, ")
+        if ". Fix: " in rule:
+            rule, fix = rule.split(". Fix: ", 1)
+        else:
+            field = fields.get(loc)
+            fix = f"set '{loc}' as documented: {field.description}" if field else "see the config reference"
+        msgs.append(f"'{loc}': {rule} (got {value!r}). Fix: {fix}")
+    return GradPrunerError("gradpruner: invalid config: " + " | ".join(msgs))
+
+
+def load_config(source: Mapping[str, Any] | str | Path, *, required: bool = True) -> GradPrunerConfig | None:
+    """Read the ``"gradpruner"`` block from a DeepSpeed config (a dict or a JSON file path).
+
+    A top-level key that looks like a misspelling of the block is an error, so a typo never silently
+    disables pruning. ``required=False`` returns None when there is no block at all.
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        try:
+            ds_config = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise user_error("the DeepSpeed config file must exist", str(path), "pass a valid path") from None
+        except json.JSONDecodeError as exc:
+            raise user_error("the DeepSpeed config must be valid JSON", f"{path}: {exc}", "fix the JSON") from None
+    else:
+        ds_config = dict(source)
+    if BLOCK_NAME not in ds_config:
+        lowered = {k.lower().replace("_", "").replace("-", ""): k for k in ds_config}
+        near = difflib.get_close_matches(BLOCK_NAME, list(lowered), n=1, cutoff=0.75)
+        if near:
+            raise user_error(
+                f"the config has no '{BLOCK_NAME}' block but a key that looks like a misspelling of it",
+                lowered[near[0]],
+                f"rename it to '{BLOCK_NAME}'",
+            )
+        if required:
+            raise user_error(
+                f"--gradpruner needs a '{BLOCK_NAME}' block in the DeepSpeed config",
+                sorted(ds_config),
+                'add "gradpruner": {"window_steps": ..., "num_drop": ...} (see configs/)',
+            )
+        return None
+    return GradPrunerConfig.from_dict(ds_config[BLOCK_NAME])
+
+
+def config_reference_markdown() -> str:
+    """The config reference table (README and docs/config.md are checked against it by a test)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, f in GradPrunerConfig.model_fields.items():
+        ann = str(f.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("|", "or")
+        rows.append(f"| `{name}` | {ann} | `{json.dumps(f.default)}` | {f.description} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m gradpruner_ds.config  -> prints the reference table
+    print(config_reference_markdown(), end="")
