@@ -32,8 +32,8 @@ from gradpruner_ds.arch import (
 )
 from gradpruner_ds.backends.base import Backend
 from gradpruner_ds.config import GradPrunerConfig
-from gradpruner_ds.core.igia import IGIAAccumulator, Key, all_finite, keys_for
-from gradpruner_ds.core.merge import keep_count, kth_largest, sign_consistent_merge_, topk_mask
+from gradpruner_ds.core.igia import IGIAAccumulator, Key, keys_for
+from gradpruner_ds.core.merge import keep_count, kth_largest, topk_mask
 from gradpruner_ds.core.plan import PrunePlan, make_plan
 from gradpruner_ds.core.scoring import ScoreContext, get_criterion, layer_scores, partial_table
 from gradpruner_ds.errors import user_error
@@ -150,12 +150,16 @@ class GradPruner:
         assert self.acc is not None
         if self.mode == "full":
             grads = self.backend.full_grads(self.weights)
-            ok = self.backend.all_true(all_finite(grads.values()))
-            self.acc.add_full_step(grads) if ok else self.acc.skip_step()
+            ok, scale = self.backend.step_check(grads.values())
+            if ok:
+                self.acc.add_full_step(grads, scale)
         else:
             lgrads = self.backend.lora_grads(self.factors)
-            ok = self.backend.all_true(all_finite(t for pair in lgrads.values() for t in pair))
-            self.acc.add_lora_step(lgrads) if ok else self.acc.skip_step()
+            ok, scale = self.backend.step_check(t for pair in lgrads.values() for t in pair)
+            if ok:
+                self.acc.add_lora_step(lgrads, scale)
+        if not ok:
+            self.acc.skip_step()
         if not ok:
             log.warning("step %d has non-finite gradients: not observed", self.steps_seen)
         self.steps_seen += 1
@@ -226,22 +230,18 @@ class GradPruner:
         ks = [keep_count(self.backend.global_numel(self.weights[k]), self.config.keep_fraction) for k in mkeys]
         thresholds = kth_largest([igia[k] for k in mkeys], ks, self.backend.all_reduce_sum_)
         masks = {k: topk_mask(igia[k], thr) for k, thr in zip(mkeys, thresholds, strict=True)}
-        local = self.backend.local_weights(self.weights)
+        del igia
         by_target: dict[int, list[int]] = defaultdict(list)
         for p, t in plan.targets:
             by_target[t].append(p)
-        counts = torch.zeros(len(mkeys), 2, dtype=torch.int64)  # [selected by mask, actually merged]
-        col = {k: i for i, k in enumerate(mkeys)}
-        for t, sources in sorted(by_target.items()):
-            for n in names:
-                target = local[(t, n)]
-                pairs = [(local[(p, n)].reshape(target.shape), masks[(p, n)].reshape(target.shape)) for p in sources]
-                # one call per target matrix: every source's sign test sees the ORIGINAL target weight
-                merged_each = _merge_counting(target, pairs, self.config.sign_consistent)
-                for p, (sel, added) in zip(sources, merged_each, strict=True):
-                    counts[col[(p, n)]] = torch.tensor([sel, added])
+        groups = [
+            ((t, n), [((p, n), masks[(p, n)]) for p in sources]) for t, sources in sorted(by_target.items()) for n in names
+        ]
+        # each target matrix is merged in one call, so every source's sign test sees the ORIGINAL target
+        local_counts = self.backend.apply_merge(self.weights, groups, self.config.sign_consistent)
+        counts = torch.tensor([list(local_counts.get(k, (0, 0))) for k in mkeys], dtype=torch.int64)
         self.backend.all_reduce_sum_(counts)
-        self.backend.after_merge(self.weights)
+        col = {k: i for i, k in enumerate(mkeys)}
         stats = []
         for k in mkeys:
             numel = self.backend.global_numel(self.weights[k])
@@ -273,6 +273,7 @@ class GradPruner:
         }
         self.plan = plan
         self.acc = None  # frees the IGIA state
+        self.weights, self.factors = {}, {}  # no reference to removed parameters may survive
         optimizer, lr_scheduler = self.backend.rebuild(self.model, removed_params, optimizer, lr_scheduler)
         del removed_layers, removed_params
         params_after = count_params(self.model, self.backend)
@@ -297,11 +298,3 @@ class GradPruner:
         assert self.plan is not None and self.report is not None
         paths = write_report(Path(self.config.output_dir), self.report, self.plan, plot=self.config.plot)
         log.info("report written: %s", ", ".join(str(p) for p in paths))
-
-
-def _merge_counting(
-    target: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor]], sign_rule: bool
-) -> list[tuple[int, int]]:
-    """Merge all ``pairs`` into ``target`` against its original signs; per pair (selected, added)."""
-    added = sign_consistent_merge_(target, pairs, sign_rule)
-    return [(int(mask.sum()), a) for (_, mask), a in zip(pairs, added, strict=True)]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from gradpruner_ds.core.igia import Key
+from gradpruner_ds.core.igia import Key, all_finite
+from gradpruner_ds.core.merge import sign_consistent_merge_
 from gradpruner_ds.core.plan import PrunePlan
+
+MergeGroup = tuple[Key, Sequence[tuple[Key, torch.Tensor]]]
+"""(target matrix, [(merged matrix, this rank's piece of its top-p mask), ...])."""
 
 
 class Backend:
@@ -32,6 +36,12 @@ class Backend:
 
     def check_plan(self, plan: PrunePlan, timeout_s: float) -> None:
         """Fail on every rank if any rank holds a different plan (no-op in one process)."""
+
+    def step_check(self, observed: Iterable[torch.Tensor]) -> tuple[bool, float]:
+        """``(ok, scale)`` for the gradients of this step: ok iff every rank's are finite; ``scale``
+        turns the gradients read into the ones the optimizer applies (loss-scale and clipping factor
+        when the engine applies them after our read; 1.0 when the user already clipped)."""
+        return self.all_true(all_finite(observed)), 1.0
 
     # ---- reading gradients and weights ------------------------------------------------------------
     def full_grads(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, torch.Tensor]:
@@ -67,8 +77,25 @@ class Backend:
         """(offset, numel) of the flat slice of each base weight this rank holds; None = whole."""
         return None
 
-    def after_merge(self, params: Mapping[Key, nn.Parameter]) -> None:
-        """Propagate merged master weights to any other copy the engine keeps (no-op here)."""
+    def apply_merge(
+        self, params: Mapping[Key, nn.Parameter], groups: Sequence[MergeGroup], sign_rule: bool
+    ) -> dict[Key, tuple[int, int]]:
+        """Merge each group's masked sources into its target (method.md), in every copy of the weight
+        the engine keeps. Returns per merged matrix this rank's (mask entries, merged entries) counts,
+        which sum over ranks to the global counts. Here: pieces are aligned, merge is local."""
+        local = self.local_weights(params)
+        counts: dict[Key, tuple[int, int]] = {}
+        for tkey, sources in groups:
+            target = local[tkey]
+            pairs = [(local[s].reshape(target.shape), m.reshape(target.shape)) for s, m in sources]
+            added = sign_consistent_merge_(target, pairs, sign_rule)
+            for (skey, mask), n in zip(sources, added, strict=True):
+                counts[skey] = (int(mask.sum()), n)
+            self.store_weight(params[tkey], target)
+        return counts
+
+    def store_weight(self, param: nn.Parameter, local_piece: torch.Tensor) -> None:
+        """Write back a weight piece from ``local_weights`` after an edit (no-op: it is a view)."""
 
     # ---- continuing after the surgery -------------------------------------------------------------
     def rebuild(

@@ -90,11 +90,15 @@ class IGIAAccumulator:
         """Record a step that is not observed (non-finite gradients, loss-scaler overflow)."""
         self.skipped += 1
 
-    def add_full_step(self, grads: Mapping[Key, torch.Tensor]) -> None:
-        """Observe one step of true gradients (local shards; any shape, flat shards included)."""
+    def add_full_step(self, grads: Mapping[Key, torch.Tensor], scale: float = 1.0) -> None:
+        """Observe one step of true gradients (local shards; any shape, flat shards included).
+
+        ``scale`` multiplies the gradients first (a clipping / loss-scale factor the engine applies
+        after the point where they are read)."""
         row = torch.zeros(len(self.keys), dtype=torch.float64)
         for key, grad in grads.items():
-            sq = grad.detach().float().square()
+            g = grad.detach().float()
+            sq = (g * scale if scale != 1.0 else g).square()
             acc = self.sum_sq.get(key)
             if acc is None:
                 self.sum_sq[key] = sq
@@ -104,7 +108,9 @@ class IGIAAccumulator:
         self.step_sq_norms.append(row)
         self.steps += 1
 
-    def add_lora_step(self, factor_grads: Mapping[Key, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def add_lora_step(
+        self, factor_grads: Mapping[Key, tuple[torch.Tensor, torch.Tensor]], scale: float = 1.0
+    ) -> None:
         """Observe one step of LoRA factor gradients ``(grad(B), grad(A))`` (whole small factors).
 
         The squared Frobenius norm of the simulated gradient is recorded for the whole matrix on the
@@ -112,8 +118,8 @@ class IGIAAccumulator:
         """
         row = torch.zeros(len(self.keys), dtype=torch.float64)
         for key, (b_grad, a_grad) in factor_grads.items():
-            b32 = b_grad.detach().float().clone()
-            a32 = a_grad.detach().float().clone()
+            b32 = b_grad.detach().float().mul(scale)
+            a32 = a_grad.detach().float().mul(scale)
             self.factors.setdefault(key, []).append((b32, a32))
             if self.owns_lora_scalars:
                 row[self._col[key]] = lora_sq_frobenius(b32, a32).double().item()

@@ -1,0 +1,421 @@
+"""DeepSpeed ZeRO-1/2/3 engine adapter: the only module that knows DeepSpeed internals.
+
+Where things are (DeepSpeed 0.19.8, checked by tests/dist):
+
+* ZeRO-3: each parameter is partitioned as a flat slice of ``ceil(numel / world)`` entries per rank
+  (``p.ds_tensor``; padding at the end of the last rank). Between ``engine.backward`` at an
+  accumulation boundary and ``engine.step``, ``safe_get_local_grad(p)`` is this rank's slice of the
+  reduced, averaged, not yet clipped gradient, and ``safe_get/set_local_fp32_param`` /
+  ``safe_get/set_local_optimizer_state`` address the fp32 master and Adam state of the same slice.
+  Same-named sublayers of different layers have the same shape, hence the same slices: the merge is
+  shard-local.
+* ZeRO-1/2: the low-precision parameters are replicated; the fp32 master and optimizer state are
+  flat partitions, and ``p._hp_mapping`` names this rank's fragment of each parameter (offsets differ
+  from parameter to parameter). The fragment of the reduced gradient is ``get_lp_grad_fragment``.
+
+After the surgery the engine is rebuilt in place: a new ``deepspeed.initialize`` over the same
+(pruned) module with a new client optimizer of the same class and hyper-parameters; fp32 masters,
+Adam moments and ``step`` of the kept parameters are carried (ZeRO-3: slice by slice, no gather;
+ZeRO-1/2: one layer at a time, since fragments move when the flat partitions shrink), and the old
+engine is torn down completely (its hooks, ZeRO-3's module stack, coordinator cache and per-module
+backward closures would otherwise keep it and the dropped layers alive).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gradpruner_ds import dist as gdist
+from gradpruner_ds.backends.base import Backend, MergeGroup
+from gradpruner_ds.core.igia import Key
+from gradpruner_ds.core.merge import sign_consistent_merge_
+from gradpruner_ds.core.plan import PrunePlan
+from gradpruner_ds.errors import user_error
+from gradpruner_ds.log import get_logger
+
+log = get_logger("deepspeed")
+
+
+def skip_cpu_shm_comm_build() -> None:
+    """Stop the first ``deepspeed.init_distributed`` on CPU from JIT-compiling a shared-memory comm op
+    (~50 s) that training never uses (it serves inference all-reduce only)."""
+    import deepspeed  # noqa: F401  (makes sure the module below is loaded)
+
+    # ``deepspeed.comm.torch`` as an attribute is the torch package (deepspeed.comm re-exports it)
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
+
+
+class DeepSpeedBackend(Backend):
+    """GradPruner on a ``deepspeed.DeepSpeedEngine`` with ZeRO stage 1, 2 or 3."""
+
+    def __init__(self, engine: Any, ds_config: Mapping[str, Any]) -> None:
+        self.engine = engine
+        self.ds_config = dict(ds_config)
+        self.stage = int(engine.zero_optimization_stage())
+        if self.stage not in (1, 2, 3):
+            raise user_error(
+                "the DeepSpeed backend supports ZeRO stages 1, 2 and 3",
+                self.stage,
+                'set "zero_optimization": {"stage": 1|2|3} in the DeepSpeed config',
+            )
+        if self.stage == 3 and getattr(engine.optimizer, "offload_param", False):
+            pass  # parameter offload keeps ds_tensor on CPU: the same accessors still apply
+        self.group = engine.optimizer.dp_process_group
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+
+    # ---- collectives -----------------------------------------------------------------------------
+    def all_reduce_sum_(self, t: torch.Tensor) -> None:
+        gdist.all_reduce_sum_(t, self.group)
+
+    def all_true(self, flag: bool) -> bool:
+        t = torch.tensor([0 if flag else 1], dtype=torch.int64)
+        self.all_reduce_sum_(t)
+        return int(t.item()) == 0
+
+    def check_plan(self, plan: PrunePlan, timeout_s: float) -> None:
+        gdist.check_same_plan(plan, timeout_s, self.group)
+
+    # ---- this rank's pieces -------------------------------------------------------------------------
+    def _z3_valid(self, p: nn.Parameter) -> int:
+        """Entries of ``p.ds_tensor`` that belong to the parameter (the rest is padding)."""
+        part = p.ds_tensor.numel()
+        return max(0, min(part, p.ds_numel - self.rank * part))
+
+    def _frag(self, p: nn.Parameter) -> tuple[int, int]:
+        """(offset, numel) of this rank's piece of ``p`` in the flattened parameter."""
+        if self.stage == 3:
+            return self.rank * p.ds_tensor.numel(), self._z3_valid(p)
+        if not p.requires_grad:  # replicated frozen weight (LoRA base): split evenly, like ZeRO-3
+            part = -(-p.numel() // self.world_size)
+            return min(self.rank * part, p.numel()), max(0, min(part, p.numel() - self.rank * part))
+        hm = getattr(p, "_hp_mapping", None)
+        if hm is None:
+            return 0, 0
+        return hm.lp_fragment_address.start, hm.lp_fragment_address.numel
+
+    def _local_grad(self, p: nn.Parameter) -> torch.Tensor:
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_grad
+
+            g = safe_get_local_grad(p)
+            if g is None:
+                raise AssertionError("no local gradient: call observe() between engine.backward and engine.step")
+            return g.reshape(-1)[: self._z3_valid(p)]
+        hm = getattr(p, "_hp_mapping", None)
+        if hm is None:
+            return torch.zeros(0, dtype=torch.float32)
+        g = hm.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+        start, numel = self._frag(p)
+        if g.numel() == p.numel() and numel != p.numel():  # bf16 keeps a full accumulation buffer
+            g = g.narrow(0, start, numel)
+        return g
+
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.engine.module.parameters() if p.requires_grad]
+
+    def step_check(self, observed: Iterable[torch.Tensor]) -> tuple[bool, float]:
+        """One all-reduce: non-finite count and the squared norm of ALL trainable gradients, from which
+        the engine's clipping factor (applied later, inside ``engine.step``) is recomputed."""
+        del observed  # the norm needs every trainable gradient, which includes the observed ones
+        stats = torch.zeros(2, dtype=torch.float64)
+        for p in self._trainable():
+            g = self._local_grad(p).float()
+            if g.numel():
+                stats[0] += g.double().square().sum()
+                stats[1] += (~torch.isfinite(g)).sum()
+        self.all_reduce_sum_(stats)
+        if stats[1] > 0 or not math.isfinite(float(stats[0])):
+            return False, 1.0
+        loss_scale = float(getattr(self.engine.optimizer, "loss_scale", 1.0) or 1.0)
+        scale = 1.0 / loss_scale
+        clip = float(self.engine.gradient_clipping() or 0.0)
+        if clip > 0:
+            norm = math.sqrt(float(stats[0])) / loss_scale
+            scale *= min(1.0, clip / (norm + 1e-6))
+        return True, scale
+
+    def full_grads(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, torch.Tensor]:
+        return {k: self._local_grad(p) for k, p in params.items()}
+
+    def lora_grads(
+        self, factors: Mapping[Key, tuple[nn.Parameter, nn.Parameter]]
+    ) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:
+        """Whole LoRA factor gradients, assembled from every rank's piece by ONE all-reduce."""
+        flat: list[nn.Parameter] = [t for pair in factors.values() for t in (pair[1], pair[0])]  # B, A
+        numels = [self.global_numel(p) for p in flat]
+        buf = torch.zeros(sum(numels), dtype=torch.float32)
+        offset = 0
+        for p, n in zip(flat, numels, strict=True):
+            start, numel = self._frag(p)
+            if numel:
+                buf[offset + start : offset + start + numel] = self._local_grad(p).float()
+            offset += n
+        self.all_reduce_sum_(buf)
+        out: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
+        offset = 0
+        pieces = []
+        for p, n in zip(flat, numels, strict=True):
+            pieces.append(buf[offset : offset + n].view(self._shape(p)))
+            offset += n
+        for i, key in enumerate(factors):
+            out[key] = (pieces[2 * i], pieces[2 * i + 1])
+        return out
+
+    def _shape(self, p: nn.Parameter) -> torch.Size:
+        return p.ds_shape if self.stage == 3 else p.shape
+
+    def global_numel(self, p: nn.Parameter) -> int:
+        return int(p.ds_numel) if self.stage == 3 else p.numel()
+
+    def lora_slices(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, tuple[int, int]] | None:
+        return {k: self._frag(p) for k, p in params.items()}
+
+    def local_weights(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, torch.Tensor]:
+        """fp32 master pieces (copies for ZeRO-3; views into the flat partition for ZeRO-1/2)."""
+        out = {}
+        for k, p in params.items():
+            if self.stage == 3:
+                from deepspeed.utils import safe_get_local_fp32_param
+
+                if p.requires_grad:
+                    out[k] = safe_get_local_fp32_param(p).reshape(-1)[: self._z3_valid(p)].clone()
+                else:  # frozen base weight (LoRA mode): its only copy is ds_tensor
+                    out[k] = p.ds_tensor.reshape(-1)[: self._z3_valid(p)].float().clone()
+            else:
+                hm = getattr(p, "_hp_mapping", None)
+                if hm is not None:
+                    out[k] = hm.get_hp_fragment().data.reshape(-1)
+                else:
+                    start, numel = self._frag(p)
+                    out[k] = p.data.reshape(-1)[start : start + numel].float()
+        return out
+
+    # ---- merge ------------------------------------------------------------------------------------------
+    def apply_merge(
+        self, params: Mapping[Key, nn.Parameter], groups: Sequence[MergeGroup], sign_rule: bool
+    ) -> dict[Key, tuple[int, int]]:
+        if self.stage == 3:
+            return super().apply_merge(params, groups, sign_rule)
+        return self._apply_merge_zero12(params, groups, sign_rule)
+
+    def store_weight(self, param: nn.Parameter, local_piece: torch.Tensor) -> None:
+        """ZeRO-3: write the merged slice into the fp32 master and the low-precision shard."""
+        valid = self._z3_valid(param)
+        param.ds_tensor.data.reshape(-1)[:valid].copy_(local_piece.to(param.ds_tensor.dtype))
+        if param.requires_grad:
+            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+            master = safe_get_local_fp32_param(param).reshape(-1).clone()
+            master[:valid] = local_piece
+            safe_set_local_fp32_param(param, master)
+
+    def _full_fp32(self, p: nn.Parameter) -> torch.Tensor:
+        """ZeRO-1/2: the whole fp32 value of one parameter from the ranks' master fragments."""
+        hm = getattr(p, "_hp_mapping", None)
+        if not p.requires_grad:
+            return p.data.float().clone()  # frozen: replicated, never in the optimizer
+        buf = torch.zeros(p.numel(), dtype=torch.float32)
+        if hm is not None:
+            start, numel = self._frag(p)
+            buf[start : start + numel] = hm.get_hp_fragment().reshape(-1)
+        self.all_reduce_sum_(buf)
+        return buf.view(p.shape)
+
+    def _apply_merge_zero12(
+        self, params: Mapping[Key, nn.Parameter], groups: Sequence[MergeGroup], sign_rule: bool
+    ) -> dict[Key, tuple[int, int]]:
+        """Fragments of different parameters do not line up, so each target is merged whole, one
+        matrix at a time: masks and fp32 values are assembled from fragments (sum of disjoint pieces),
+        every rank computes the same merge, writes its master fragment and the replicated copy."""
+        counts: dict[Key, tuple[int, int]] = {}
+        for tkey, sources in groups:
+            tp = params[tkey]
+            target = self._full_fp32(tp).clone()
+            pairs = []
+            for skey, mask_piece in sources:
+                sp = params[skey]
+                full_mask = torch.zeros(sp.numel(), dtype=torch.uint8)
+                start, numel = self._frag(sp)
+                full_mask[start : start + numel] = mask_piece.to(torch.uint8)
+                self.all_reduce_sum_(full_mask)
+                pairs.append((self._full_fp32(sp), full_mask.view(sp.shape).bool()))
+            orig = target.clone()
+            sign_consistent_merge_(target, pairs, sign_rule)
+            t_start, t_numel = self._frag(tp)
+            changed = (target != orig).reshape(-1)[t_start : t_start + t_numel]
+            for (skey, mask_piece), (w_p, m_p) in zip(sources, pairs, strict=True):
+                # count only inside this rank's fragment of the target so the ranks' counts add up
+                sel = m_p.reshape(-1)[t_start : t_start + t_numel]
+                if sign_rule:
+                    o = orig.reshape(-1)[t_start : t_start + t_numel]
+                    w = w_p.reshape(-1)[t_start : t_start + t_numel]
+                    sel = sel & (((o > 0) & (w > 0)) | ((o < 0) & (w < 0)))
+                counts[skey] = (int(mask_piece.sum()), int(sel.sum()))
+            del changed
+            hm = getattr(tp, "_hp_mapping", None)
+            if hm is not None:
+                hm.get_hp_fragment().data.reshape(-1).copy_(target.reshape(-1)[t_start : t_start + t_numel])
+            tp.data.copy_(target.to(tp.dtype))
+        return counts
+
+    # ---- rebuild --------------------------------------------------------------------------------------
+    def rebuild(
+        self,
+        model: nn.Module,
+        removed_params: list[nn.Parameter],
+        optimizer: Any,
+        lr_scheduler: Any,
+    ) -> tuple[Any, Any]:
+        """Tear down the engine, re-initialize DeepSpeed over the pruned module and carry the kept
+        parameters' fp32 masters, Adam moments, step, the LR schedule and the engine's counters.
+        Returns ``(new_engine, lr_scheduler)``."""
+        import deepspeed
+
+        old = self.engine
+        gone = {id(p) for p in removed_params}
+        client = old.optimizer.optimizer  # the torch optimizer DeepSpeed wraps
+        client_cls = type(client)
+        hparams = [{k: v for k, v in g.items() if k != "params"} for g in client.param_groups]
+        kept_groups: list[list[nn.Parameter]] = [[] for _ in hparams]
+        if self.stage == 3:  # ZeRO-3 splits each client group into sub-groups
+            for i, sub in enumerate(old.optimizer.fp16_groups):
+                kept_groups[old.optimizer.sub_group_to_group_id[i]].extend(p for p in sub if id(p) not in gone)
+        else:
+            for i, grp in enumerate(old.optimizer.bit16_groups):
+                kept_groups[i].extend(p for p in grp if id(p) not in gone)
+        step = _adam_step(client)
+        carried = self._save_state([p for g in kept_groups for p in g])
+        counters = {k: getattr(old, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")}
+
+        _teardown(old)
+        del old, client
+        self.engine = None
+        gc.collect()
+
+        new_client = client_cls(
+            [{**h, "params": ps} for h, ps in zip(hparams, kept_groups, strict=True) if ps]
+        )
+        if lr_scheduler is not None:
+            lr_scheduler.optimizer = new_client
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=new_client, config=self.ds_config, lr_scheduler=lr_scheduler
+        )
+        self.engine = engine
+        self.group = engine.optimizer.dp_process_group
+        for k, v in counters.items():
+            setattr(engine, k, v)
+        self._restore_state(carried, step)
+        return engine, lr_scheduler
+
+    def _save_state(self, kept: list[nn.Parameter]) -> dict[int, dict[str, Any]]:
+        """This rank's piece of each kept parameter's fp32 master and Adam moments (no gather)."""
+        out: dict[int, dict[str, Any]] = {}
+        for p in kept:
+            if self.stage == 3:
+                from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+                out[id(p)] = {
+                    "param": p,
+                    "fp32": safe_get_local_fp32_param(p).clone(),
+                    "exp_avg": safe_get_local_optimizer_state(p, "exp_avg").clone(),
+                    "exp_avg_sq": safe_get_local_optimizer_state(p, "exp_avg_sq").clone(),
+                }
+            else:
+                hm = p._hp_mapping
+                entry: dict[str, Any] = {"param": p, "frag": self._frag(p)}
+                if hm is not None:
+                    entry["fp32"] = hm.get_hp_fragment().clone()
+                    entry["exp_avg"] = hm.get_optim_state_fragment("exp_avg").clone()
+                    entry["exp_avg_sq"] = hm.get_optim_state_fragment("exp_avg_sq").clone()
+                out[id(p)] = entry
+        return out
+
+    def _restore_state(self, carried: dict[int, dict[str, Any]], step: Any) -> None:
+        opt = self.engine.optimizer
+        client = opt.optimizer
+        # torch Adam creates its state lazily at the first step: create it now, then fill it
+        flats = opt.fp32_partitioned_groups_flat if self.stage == 3 else opt.single_partition_of_fp32_groups
+        for flat in flats:
+            client.state[flat] = {
+                "step": step.clone() if torch.is_tensor(step) else step,
+                "exp_avg": torch.zeros_like(flat),
+                "exp_avg_sq": torch.zeros_like(flat),
+            }
+        if self.stage != 3:  # link the new per-parameter fragments to the state just created
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
+        for entry in carried.values():
+            p = entry["param"]
+            if self.stage == 3:
+                from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+                safe_set_local_fp32_param(p, entry["fp32"])
+                safe_set_local_optimizer_state(p, entry["exp_avg"], "exp_avg")
+                safe_set_local_optimizer_state(p, entry["exp_avg_sq"], "exp_avg_sq")
+                continue
+            # ZeRO-1/2: the fragments moved; assemble one parameter at a time from the old fragments
+            old_start, old_numel = entry["frag"]
+            hm = p._hp_mapping
+            new_start, new_numel = self._frag(p)
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                buf = torch.zeros(p.numel(), dtype=torch.float32)
+                if key in entry:
+                    buf[old_start : old_start + old_numel] = entry[key].reshape(-1)
+                self.all_reduce_sum_(buf)
+                if hm is not None:
+                    dst = hm.get_hp_fragment() if key == "fp32" else hm.get_optim_state_fragment(key)
+                    dst.data.reshape(-1).copy_(buf[new_start : new_start + new_numel])
+        carried.clear()
+
+
+def optimizer_client(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer behind an engine / ZeRO wrapper / plain optimizer."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # engine -> ZeRO optimizer
+    inner = getattr(inner, "optimizer", inner)  # ZeRO optimizer -> torch optimizer
+    return inner
+
+
+def _adam_step(client: torch.optim.Optimizer) -> Any:
+    for st in client.state.values():
+        if "step" in st:
+            return st["step"].clone() if torch.is_tensor(st["step"]) else st["step"]
+    return torch.tensor(0.0)
+
+
+def _teardown(engine: Any) -> None:
+    """Release an engine for real: ``engine.destroy()`` plus the four references it leaves behind."""
+    module = engine.module
+    engine.destroy()
+    for attr in ("module_forward_pre_hook", "module_forward_post_hook"):
+        handle = getattr(engine, attr, None)
+        if handle is not None:
+            handle.remove()
+            setattr(engine, attr, None)
+    try:
+        from deepspeed.runtime.zero import parameter_offload
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+        parameter_offload.FWD_MODULE_STACK.clear()
+        cached = getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+        if cached is not None and hasattr(cached, "cache_clear"):
+            cached.cache_clear()
+    except ImportError:  # pragma: no cover - layout of a different DeepSpeed version
+        log.warning("could not clear ZeRO-3 module stack / coordinator cache (DeepSpeed layout changed)")
+    for m in module.modules():
+        for attr in ("pre_bwd_fn", "post_bwd_fn"):
+            m.__dict__.pop(attr, None)
+    for attr in ("optimizer", "module", "lr_scheduler", "basic_optimizer", "client_optimizer"):
+        if hasattr(engine, attr):
+            try:
+                setattr(engine, attr, None)
+            except (AttributeError, TypeError):
+                pass

@@ -1,0 +1,133 @@
+"""One training recipe, run either as plain single-process PyTorch or under DeepSpeed on N ranks, so
+that the distributed result can be checked against the single-process result of the same computation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from helpers.tiny import batches, tiny_llama
+
+from gradpruner_ds.config import GradPrunerConfig
+from gradpruner_ds.pruner import GradPruner
+
+LR = 1e-3
+
+
+def lr_lambda(step: int) -> float:
+    return min(1.0, (step + 1) / 2) * 0.9**step
+
+
+def ds_config(stage: int, micro: int, gas: int, clip: float, bf16: bool = False, block: dict | None = None) -> dict:
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": clip,
+        "zero_optimization": {
+            "stage": stage,
+            "reduce_bucket_size": 20000,
+            "allgather_bucket_size": 20000,
+            "stage3_param_persistence_threshold": 0,
+            "stage3_prefetch_bucket_size": 20000,
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    if block is not None:
+        cfg["gradpruner"] = block
+    return cfg
+
+
+def global_batches(steps: int, world: int, micro: int, gas: int, seed: int = 5) -> list[list[dict[str, torch.Tensor]]]:
+    """Per optimizer step, per accumulation micro-step: the GLOBAL micro-batch (world * micro rows)."""
+    flat = batches(steps * gas, batch=world * micro, seq=10, seed=seed)
+    return [flat[s * gas : (s + 1) * gas] for s in range(steps)]
+
+
+def single_process_run(
+    block: dict, steps: int, world: int, micro: int, gas: int, clip: float, num_layers: int = 6, lora: bool = False
+) -> dict[str, Any]:
+    """The reference: one process, the whole global batch, torch AdamW + LambdaLR, torch clipping."""
+    model = make_model(num_layers, lora)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    pruner = GradPruner(model, GradPrunerConfig.from_dict(block), total_steps=steps)
+    losses = []
+    for micro_batches in global_batches(steps, world, micro, gas):
+        total = 0.0
+        for b in micro_batches:
+            loss = model(**b).loss / gas
+            loss.backward()
+            total += loss.item()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        pruner.observe()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        opt, sched = pruner.maybe_prune(opt, sched)
+        losses.append(total)
+    assert pruner.plan is not None
+    return {"losses": losses, "scores": list(pruner.plan.scores), "plan": pruner.plan.to_dict()}
+
+
+def make_model(num_layers: int, lora: bool):
+    model = tiny_llama(num_layers, seed=0)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        from helpers.naive import LINEARS
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(LINEARS), lora_dropout=0.0))
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+    return model
+
+
+def deepspeed_run(
+    rank: int,
+    world: int,
+    block: dict,
+    steps: int,
+    stage: int,
+    micro: int,
+    gas: int,
+    clip: float,
+    num_layers: int = 6,
+    lora: bool = False,
+    bf16: bool = False,
+) -> dict[str, Any]:
+    """The same recipe under DeepSpeed: each rank takes its rows of every global micro-batch."""
+    import deepspeed
+
+    from gradpruner_ds.backends.deepspeed import DeepSpeedBackend
+
+    model = make_model(num_layers, lora)
+    cfg = ds_config(stage, micro, gas, clip, bf16=bf16)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, lr_scheduler=sched)
+    pruner = GradPruner(
+        engine.module, GradPrunerConfig.from_dict(block), total_steps=steps, backend=DeepSpeedBackend(engine, cfg)
+    )
+    losses = []
+    for micro_batches in global_batches(steps, world, micro, gas):
+        total = torch.zeros(1, dtype=torch.float64)
+        for b in micro_batches:
+            mine = {k: v[rank * micro : (rank + 1) * micro] for k, v in b.items()}
+            loss = engine(**mine).loss
+            engine.backward(loss)
+            total += loss.item() / gas
+            if engine.is_gradient_accumulation_boundary():
+                pruner.observe()
+            engine.step()
+        torch.distributed.all_reduce(total)
+        engine, sched = pruner.maybe_prune(engine, sched)
+        losses.append(float(total) / world)
+    assert pruner.plan is not None
+    return {"losses": losses, "scores": list(pruner.plan.scores), "plan": pruner.plan.to_dict()}
