@@ -296,7 +296,7 @@ class DeepSpeedBackend(Backend):
         carried = self._save_state([p for g in kept_groups for p in g])
         counters = {k: getattr(old, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")}
 
-        _teardown(old)
+        _teardown(old, removed_params)
         del old, client
         self.engine = None
         gc.collect()
@@ -391,15 +391,22 @@ def _adam_step(client: torch.optim.Optimizer) -> Any:
     return torch.tensor(0.0)
 
 
-def _teardown(engine: Any) -> None:
-    """Release an engine for real: ``engine.destroy()`` plus the four references it leaves behind."""
+def _teardown(engine: Any, removed_params: list[nn.Parameter]) -> None:
+    """Release an engine for real: ``engine.destroy()`` plus the references it leaves behind.
+
+    Measured on DeepSpeed 0.19.8: after ``destroy()`` the engine stays reachable through its forward
+    hooks on the module, ZeRO-3's module-global ``FWD_MODULE_STACK``, the coordinator's class-level
+    lru_cache, the per-module ``pre_bwd_fn``/``post_bwd_fn`` autograd classes (whose closures hold the
+    modules, whose parameters hold ``_z3_optimizer``) and references held from C++ autograd hooks.
+    We remove each of these and finally empty the old optimizer and engine, so whatever still points
+    at their shells holds no tensor."""
     module = engine.module
+    optimizer = engine.optimizer
     engine.destroy()
     for attr in ("module_forward_pre_hook", "module_forward_post_hook"):
         handle = getattr(engine, attr, None)
         if handle is not None:
             handle.remove()
-            setattr(engine, attr, None)
     try:
         from deepspeed.runtime.zero import parameter_offload
         from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
@@ -413,9 +420,16 @@ def _teardown(engine: Any) -> None:
     for m in module.modules():
         for attr in ("pre_bwd_fn", "post_bwd_fn"):
             m.__dict__.pop(attr, None)
-    for attr in ("optimizer", "module", "lr_scheduler", "basic_optimizer", "client_optimizer"):
-        if hasattr(engine, attr):
-            try:
-                setattr(engine, attr, None)
-            except (AttributeError, TypeError):
-                pass
+    for p in removed_params:  # dropped parameters: no path back to the old optimizer, no shard kept
+        for attr in [a for a in p.__dict__ if a.startswith(("ds_", "_z3", "_hp", "_dp"))]:
+            p.__dict__.pop(attr, None)
+        p.data = torch.empty(0, dtype=p.dtype)
+    if optimizer is not None:
+        inner = getattr(optimizer, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            inner.state.clear()
+            inner.param_groups.clear()
+        optimizer.__dict__.clear()
+    for attr in [a for a in engine.__dict__ if not a.startswith("_")]:
+        engine.__dict__.pop(attr, None)
+    engine._modules.clear()

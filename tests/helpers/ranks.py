@@ -30,6 +30,11 @@ def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    import faulthandler
+    import signal
+    import sys
+
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     if os.environ.get("GRADPRUNER_TEST_DUMP_AFTER"):
         import faulthandler
         import sys
@@ -73,6 +78,12 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 2
         while len(results) + len(errors) < world:
             left = deadline - time.monotonic()
             if left <= 0:
+                import signal
+
+                for p in procs:  # show where the stuck ranks are before they are killed
+                    if p.is_alive() and p.pid is not None:
+                        os.kill(p.pid, signal.SIGUSR1)
+                time.sleep(2.0)
                 raise AssertionError(f"ranks timed out after {timeout}s; finished: {sorted(results)}")
             try:
                 rank, status, payload = q.get(timeout=min(left, 5.0))

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from helpers.tiny import batches, tiny_llama
 
 from gradpruner_ds.config import GradPrunerConfig
 from gradpruner_ds.pruner import GradPruner
+from helpers.tiny import batches, tiny_llama
 
 LR = 1e-3
 
@@ -101,11 +101,19 @@ def deepspeed_run(
     num_layers: int = 6,
     lora: bool = False,
     bf16: bool = False,
+    instrument: bool = False,
 ) -> dict[str, Any]:
-    """The same recipe under DeepSpeed: each rank takes its rows of every global micro-batch."""
+    """The same recipe under DeepSpeed: each rank takes its rows of every global micro-batch.
+
+    ``instrument`` also records the collectives issued by observe / planning / merge and the live
+    tensor bytes before and after the prune, and whether the old engine was released."""
+    import gc
+    import weakref
+
     import deepspeed
 
     from gradpruner_ds.backends.deepspeed import DeepSpeedBackend
+    from helpers.instrument import count_collectives, live_tensor_bytes
 
     model = make_model(num_layers, lora)
     cfg = ds_config(stage, micro, gas, clip, bf16=bf16)
@@ -115,6 +123,19 @@ def deepspeed_run(
     pruner = GradPruner(
         engine.module, GradPrunerConfig.from_dict(block), total_steps=steps, backend=DeepSpeedBackend(engine, cfg)
     )
+    out: dict[str, Any] = {"observe_calls": [], "plan_calls": [], "merge_calls": []}
+    if instrument:
+        for name in ("observe", "make_plan", "merge"):
+            orig = getattr(pruner, name)
+            key = f"{name.replace('make_', '')}_calls"
+
+            def wrapped(*a, __orig=orig, __key=key, **kw):
+                with count_collectives() as calls:
+                    result = __orig(*a, **kw)
+                out[__key].append(calls)
+                return result
+
+            setattr(pruner, name, wrapped)
     losses = []
     for micro_batches in global_batches(steps, world, micro, gas):
         total = torch.zeros(1, dtype=torch.float64)
@@ -127,7 +148,17 @@ def deepspeed_run(
                 pruner.observe()
             engine.step()
         torch.distributed.all_reduce(total)
+        if instrument and pruner.ready:
+            out["bytes_before"] = live_tensor_bytes()
+            old_ref = weakref.ref(engine)
         engine, sched = pruner.maybe_prune(engine, sched)
+        if instrument and "bytes_before" in out and "bytes_after" not in out:
+            out["bytes_after"] = live_tensor_bytes()
         losses.append(float(total) / world)
     assert pruner.plan is not None
-    return {"losses": losses, "scores": list(pruner.plan.scores), "plan": pruner.plan.to_dict()}
+    if instrument:  # the last loss of the window held the old autograd graph until the next step
+        del loss
+        gc.collect()
+        out["old_engine_alive"] = old_ref() is not None
+    out.update(losses=losses, scores=list(pruner.plan.scores), plan=pruner.plan.to_dict())
+    return out
