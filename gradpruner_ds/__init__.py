@@ -19,6 +19,9 @@ _LAZY = {
     "remove_layers": "gradpruner_ds.surgery",
     "get_arch": "gradpruner_ds.arch",
     "register_arch": "gradpruner_ds.arch",
+    "for_deepspeed": "gradpruner_ds.backends.deepspeed",
+    "DeepSpeedBackend": "gradpruner_ds.backends.deepspeed",
+    "add_argparse_args": "gradpruner_ds.args",
 }
 
 __all__ = ["__version__", *_LAZY]

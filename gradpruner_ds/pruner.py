@@ -145,7 +145,7 @@ class GradPruner:
     def observe(self) -> None:
         """Accumulate IGIA from the current gradients. Call after backward (and clipping), before the
         optimizer step, once per optimizer step. A no-op outside the window."""
-        if not self.observing:
+        if not self.observing or not self.backend.at_boundary():
             return
         assert self.acc is not None
         if self.mode == "full":

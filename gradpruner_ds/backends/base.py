@@ -26,6 +26,11 @@ class Backend:
     rank: int = 0
     world_size: int = 1
 
+    def at_boundary(self) -> bool:
+        """True when the gradients are complete for an optimizer step (always, for plain PyTorch:
+        call ``observe`` once per optimizer step, after the last backward of the accumulation)."""
+        return True
+
     # ---- collectives (identity in one process) --------------------------------------------------
     def all_reduce_sum_(self, t: torch.Tensor) -> None:
         """Sum ``t`` in place over all ranks."""

@@ -72,6 +72,10 @@ class DeepSpeedBackend(Backend):
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
 
+    def at_boundary(self) -> bool:
+        """Gradients are complete (reduced) only at a gradient-accumulation boundary."""
+        return bool(self.engine.is_gradient_accumulation_boundary())
+
     # ---- collectives -----------------------------------------------------------------------------
     def all_reduce_sum_(self, t: torch.Tensor) -> None:
         gdist.all_reduce_sum_(t, self.group)
@@ -295,6 +299,7 @@ class DeepSpeedBackend(Backend):
         step = _adam_step(client)
         carried = self._save_state([p for g in kept_groups for p in g])
         counters = {k: getattr(old, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")}
+        old_scheduler = old.lr_scheduler
 
         _teardown(old, removed_params)
         del old, client
@@ -304,10 +309,14 @@ class DeepSpeedBackend(Backend):
         new_client = client_cls(
             [{**h, "params": ps} for h, ps in zip(hparams, kept_groups, strict=True) if ps]
         )
+        if lr_scheduler is None:
+            lr_scheduler = old_scheduler  # a scheduler DeepSpeed built from the config's "scheduler"
         if lr_scheduler is not None:
             lr_scheduler.optimizer = new_client
+        # the optimizer and scheduler objects are carried, so the config must not build new ones
+        config = {k: v for k, v in self.ds_config.items() if k not in ("optimizer", "scheduler")}
         engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=new_client, config=self.ds_config, lr_scheduler=lr_scheduler
+            model=model, optimizer=new_client, config=config, lr_scheduler=lr_scheduler
         )
         self.engine = engine
         self.group = engine.optimizer.dp_process_group
@@ -375,6 +384,29 @@ class DeepSpeedBackend(Backend):
                     dst = hm.get_hp_fragment() if key == "fp32" else hm.get_optim_state_fragment(key)
                     dst.data.reshape(-1).copy_(buf[new_start : new_start + new_numel])
         carried.clear()
+
+
+def for_deepspeed(
+    engine: Any,
+    ds_config: Mapping[str, Any],
+    *,
+    total_steps: int | None = None,
+    config: Any = None,
+) -> Any:
+    """A ``GradPruner`` on a DeepSpeed engine, configured by the ``"gradpruner"`` block of
+    ``ds_config`` (or by ``config``, a ``GradPrunerConfig``). Use it in the training loop as::
+
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        pruner.observe()                      # a no-op except at accumulation boundaries in the window
+        engine.step()
+        engine, lr_scheduler = pruner.maybe_prune(engine, lr_scheduler)   # new engine after the prune
+    """
+    from gradpruner_ds.config import load_config
+    from gradpruner_ds.pruner import GradPruner
+
+    cfg = config if config is not None else load_config(ds_config)
+    return GradPruner(engine.module, cfg, total_steps=total_steps, backend=DeepSpeedBackend(engine, ds_config))
 
 
 def optimizer_client(optimizer: Any) -> torch.optim.Optimizer:

@@ -29,7 +29,7 @@ class Criterion:
     doc: str
     needs_saliency: bool
     needs_weight_norm: bool
-    fn: Callable[[torch.Tensor, Sequence[Key], "ScoreContext"], torch.Tensor]
+    fn: Callable[[torch.Tensor, Sequence[Key], ScoreContext], torch.Tensor]
 
 
 @dataclass(frozen=True)

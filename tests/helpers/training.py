@@ -144,8 +144,7 @@ def deepspeed_run(
             loss = engine(**mine).loss
             engine.backward(loss)
             total += loss.item() / gas
-            if engine.is_gradient_accumulation_boundary():
-                pruner.observe()
+            pruner.observe()  # a no-op before the accumulation boundary
             engine.step()
         torch.distributed.all_reduce(total)
         if instrument and pruner.ready:
