@@ -54,7 +54,9 @@ class GradPrunerConfig(BaseModel):
         le=1.0,
         description="Observation window as a fraction of the run's total optimizer steps (instead of window_steps).",
     )
-    num_drop: int | None = Field(None, ge=0, description="Decoder layers dropped outright (the lowest scores).")
+    num_drop: int | None = Field(
+        None, ge=0, description="Decoder layers dropped outright (the lowest scores)."
+    )
     prune_ratio: float | None = Field(
         None,
         gt=0.0,
@@ -74,7 +76,8 @@ class GradPrunerConfig(BaseModel):
         description="Top-p fraction of a merged matrix's entries (by its IGIA) that is merged (0.2 = sparsity 80%).",
     )
     sign_consistent: bool = Field(
-        True, description="Merge only where the merged weight's sign equals the kept weight's (the paper's rule)."
+        True,
+        description="Merge only where the merged weight's sign equals the kept weight's (the paper's rule).",
     )
     lora_adapter: str = Field("default", description="peft adapter name read in 'lora' mode.")
     output_dir: str | None = Field(
@@ -97,11 +100,11 @@ class GradPrunerConfig(BaseModel):
     def _cross_fields(self) -> GradPrunerConfig:
         if (self.window_steps is None) == (self.window_fraction is None):
             raise ValueError(
-                "set exactly one of window_steps or window_fraction. Fix: keep one, e.g. \"window_steps\": 8"
+                'set exactly one of window_steps or window_fraction. Fix: keep one, e.g. "window_steps": 8'
             )
         if (self.num_drop is None) == (self.prune_ratio is None):
             raise ValueError(
-                "set exactly one of num_drop or prune_ratio. Fix: keep one, e.g. \"num_drop\": 4 or \"prune_ratio\": 0.3"
+                'set exactly one of num_drop or prune_ratio. Fix: keep one, e.g. "num_drop": 4 or "prune_ratio": 0.3'
             )
         return self
 
@@ -111,7 +114,9 @@ class GradPrunerConfig(BaseModel):
         """Validate a block; every problem becomes one ``gradpruner:`` ValueError naming rule, value, fix."""
         if not isinstance(block, Mapping):
             raise user_error(
-                f"the '{BLOCK_NAME}' block must be a JSON object", type(block).__name__, 'write "gradpruner": {...}'
+                f"the '{BLOCK_NAME}' block must be a JSON object",
+                type(block).__name__,
+                'write "gradpruner": {...}',
             )
         try:
             return cls.model_validate(dict(block))
@@ -208,7 +213,9 @@ def load_config(source: Mapping[str, Any] | str | Path, *, required: bool = True
         except FileNotFoundError:
             raise user_error("the DeepSpeed config file must exist", str(path), "pass a valid path") from None
         except json.JSONDecodeError as exc:
-            raise user_error("the DeepSpeed config must be valid JSON", f"{path}: {exc}", "fix the JSON") from None
+            raise user_error(
+                "the DeepSpeed config must be valid JSON", f"{path}: {exc}", "fix the JSON"
+            ) from None
     else:
         ds_config = dict(source)
     if BLOCK_NAME not in ds_config:
@@ -234,7 +241,13 @@ def config_reference_markdown() -> str:
     """The config reference table (README and docs/config.md are checked against it by a test)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for name, f in GradPrunerConfig.model_fields.items():
-        ann = str(f.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("|", "or")
+        ann = (
+            str(f.annotation)
+            .replace("typing.", "")
+            .replace("<class '", "")
+            .replace("'>", "")
+            .replace("|", "or")
+        )
         rows.append(f"| `{name}` | {ann} | `{json.dumps(f.default)}` | {f.description} |")
     return "\n".join(rows) + "\n"
 

@@ -20,7 +20,9 @@ def all_reduce_sum_(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> 
 def digest_tensor(hex_digest: str) -> torch.Tensor:
     """A sha256 hex digest as 4 int64 words (collective-friendly)."""
     raw = bytes.fromhex(hex_digest)
-    return torch.tensor([int.from_bytes(raw[i : i + 8], "little", signed=True) for i in range(0, 32, 8)], dtype=torch.int64)
+    return torch.tensor(
+        [int.from_bytes(raw[i : i + 8], "little", signed=True) for i in range(0, 32, 8)], dtype=torch.int64
+    )
 
 
 def check_same_plan(plan: PrunePlan, timeout_s: float, group: dist.ProcessGroup | None = None) -> None:

@@ -118,7 +118,8 @@ class GradPruner:
     def _resolve_mode(self) -> str:
         first = decoder_layers(self.model)[0]
         has_lora = any(
-            lora_factors(m, self.config.lora_adapter) is not None for m in layer_linears(first, self.spec).values()
+            lora_factors(m, self.config.lora_adapter) is not None
+            for m in layer_linears(first, self.spec).values()
         )
         mode = self.config.mode
         if mode == "auto":
@@ -210,7 +211,11 @@ class GradPruner:
             step=self.steps_seen if step is None else step,
             config_digest=self.config.config_digest(),
             model_type=str(getattr(unwrap_model(self.model).config, "model_type", "")),
-            extra={"mode": self.mode, "keep_fraction": self.config.keep_fraction, "sign_consistent": self.config.sign_consistent},
+            extra={
+                "mode": self.mode,
+                "keep_fraction": self.config.keep_fraction,
+                "sign_consistent": self.config.sign_consistent,
+            },
         )
         self.backend.check_plan(plan, self.config.consensus_timeout_s)
         return plan
@@ -227,7 +232,9 @@ class GradPruner:
         names = list(self.spec.linear_names)
         mkeys = [(p, n) for p in plan.merged for n in names]
         igia = {k: self.acc.igia(k).reshape(-1) for k in mkeys}
-        ks = [keep_count(self.backend.global_numel(self.weights[k]), self.config.keep_fraction) for k in mkeys]
+        ks = [
+            keep_count(self.backend.global_numel(self.weights[k]), self.config.keep_fraction) for k in mkeys
+        ]
         thresholds = kth_largest([igia[k] for k in mkeys], ks, self.backend.all_reduce_sum_)
         masks = {k: topk_mask(igia[k], thr) for k, thr in zip(mkeys, thresholds, strict=True)}
         del igia
@@ -235,7 +242,9 @@ class GradPruner:
         for p, t in plan.targets:
             by_target[t].append(p)
         groups = [
-            ((t, n), [((p, n), masks[(p, n)]) for p in sources]) for t, sources in sorted(by_target.items()) for n in names
+            ((t, n), [((p, n), masks[(p, n)]) for p in sources])
+            for t, sources in sorted(by_target.items())
+            for n in names
         ]
         # each target matrix is merged in one call, so every source's sign test sees the ORIGINAL target
         local_counts = self.backend.apply_merge(self.weights, groups, self.config.sign_consistent)
@@ -247,7 +256,12 @@ class GradPruner:
             numel = self.backend.global_numel(self.weights[k])
             sel, added = counts[col[k]].tolist()
             stats.append(
-                {"layer": k[0], "sublayer": k[1], "mask_density": sel / numel, "merged_density": added / numel}
+                {
+                    "layer": k[0],
+                    "sublayer": k[1],
+                    "mask_density": sel / numel,
+                    "merged_density": added / numel,
+                }
             )
         return {"merge": stats}
 

@@ -16,7 +16,9 @@ REPORT_PNG = "gradpruner_scores.png"
 PLAN_JSON = "gradpruner_plan.json"
 
 
-def build_report(plan: PrunePlan, *, params_before: int, params_after: int, extra: Mapping[str, Any]) -> dict[str, Any]:
+def build_report(
+    plan: PrunePlan, *, params_before: int, params_after: int, extra: Mapping[str, Any]
+) -> dict[str, Any]:
     """The report as a dict: plan, per-layer scores and status, parameter counts, merge statistics."""
     status = {i: "kept" for i in range(plan.num_layers)}
     status.update({i: "dropped" for i in plan.dropped})
@@ -60,7 +62,11 @@ def plot_scores(plan: PrunePlan, title: str = "") -> bytes:
     from matplotlib.patches import Patch
 
     ax.legend(
-        handles=[Patch(color="#1f77b4", label="kept"), Patch(color="#ff7f0e", label="merged"), Patch(color="#d62728", label="dropped")],
+        handles=[
+            Patch(color="#1f77b4", label="kept"),
+            Patch(color="#ff7f0e", label="merged"),
+            Patch(color="#d62728", label="dropped"),
+        ],
         fontsize=7,
         loc="best",
     )
@@ -71,7 +77,9 @@ def plot_scores(plan: PrunePlan, title: str = "") -> bytes:
     return buf.getvalue()
 
 
-def write_report(output_dir: str | Path, report: Mapping[str, Any], plan: PrunePlan, plot: bool = True) -> list[Path]:
+def write_report(
+    output_dir: str | Path, report: Mapping[str, Any], plan: PrunePlan, plot: bool = True
+) -> list[Path]:
     """Write the report JSON, the plan JSON and (optionally) the PNG, atomically; returns the paths."""
     out = Path(output_dir)
     paths = [out / REPORT_JSON, out / PLAN_JSON]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -160,7 +161,7 @@ class IGIAAccumulator:
             out[self._col[key]] = (f.double() * w.detach().reshape(-1).double().square()).sum().item()
         return out
 
-    def state_dict(self) -> dict[str, object]:
+    def state_dict(self) -> dict[str, Any]:
         """Tensors and counters needed to resume the window exactly (no Python objects beyond lists)."""
         return {
             "mode": self.mode,
@@ -172,9 +173,9 @@ class IGIAAccumulator:
             "step_sq_norms": self.sq_norm_table(),
         }
 
-    def load_state_dict(self, state: Mapping[str, object]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what ``state_dict`` saved (keys and mode must match this accumulator)."""
-        keys = [(int(k[0]), str(k[1])) for k in state["keys"]]  # type: ignore[attr-defined]
+        keys = [(int(k[0]), str(k[1])) for k in state["keys"]]
         if keys != self.keys or state["mode"] != self.mode:
             raise AssertionError("IGIA state belongs to another set of matrices or mode")
 
@@ -182,15 +183,12 @@ class IGIAAccumulator:
             idx, sub = name.split(":", 1)
             return int(idx), sub
 
-        self.steps = int(state["steps"])  # type: ignore[arg-type]
-        self.skipped = int(state["skipped"])  # type: ignore[arg-type]
-        self.sum_sq = {parse(k): v for k, v in state["sum_sq"].items()}  # type: ignore[attr-defined]
-        self.factors = {
-            parse(k): [(f[0], f[1]) for f in v]
-            for k, v in state["factors"].items()  # type: ignore[attr-defined]
-        }
+        self.steps = int(state["steps"])
+        self.skipped = int(state["skipped"])
+        self.sum_sq = {parse(k): v for k, v in state["sum_sq"].items()}
+        self.factors = {parse(k): [(f[0], f[1]) for f in v] for k, v in state["factors"].items()}
         table = state["step_sq_norms"]
-        self.step_sq_norms = list(table.unbind(0)) if table.numel() else []  # type: ignore[attr-defined]
+        self.step_sq_norms = list(table.unbind(0)) if table.numel() else []
 
 
 def keys_for(num_layers: int, linear_names: Sequence[str]) -> list[Key]:

@@ -88,6 +88,8 @@ def sign_consistent_merge_(
         sel = mask.to(torch.bool)
         if sign_rule:
             sel = sel & ((orig_pos & (w_p > 0)) | (orig_neg & (w_p < 0)))
-        target.add_(torch.where(sel, w_p.to(target.dtype), torch.zeros((), dtype=target.dtype, device=target.device)))
+        target.add_(
+            torch.where(sel, w_p.to(target.dtype), torch.zeros((), dtype=target.dtype, device=target.device))
+        )
         added.append(int(sel.sum()))
     return added

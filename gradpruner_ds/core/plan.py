@@ -126,7 +126,11 @@ class PrunePlan:
                 extra=dict(d.get("extra", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise user_error("a plan must hold every PrunePlan field", repr(exc), "use a plan file written by gradpruner-ds") from exc
+            raise user_error(
+                "a plan must hold every PrunePlan field",
+                repr(exc),
+                "use a plan file written by gradpruner-ds",
+            ) from exc
         if "digest" in d and d["digest"] != plan.digest():
             raise user_error(
                 "a plan's digest must match its content (the file was edited or is corrupt)",

@@ -68,10 +68,16 @@ def test_observation_gathers_nothing_and_ranking_is_one_all_reduce(stage, lora):
         window = BLOCK["window_steps"]
         # observe() runs every micro-step; it communicates only at the window's accumulation boundaries
         assert len(r["observe_calls"]) == STEPS * GAS
-        assert [bool(c) for c in r["observe_calls"]] == [False, True] * window + [False] * (STEPS - window) * GAS
+        assert [bool(c) for c in r["observe_calls"]] == [False, True] * window + [False] * (
+            STEPS - window
+        ) * GAS
         for calls in [c for c in r["observe_calls"] if c]:
             names = [c[0] for c in calls]
-            assert "all_gather" not in names and "all_gather_into_tensor" not in names and "broadcast" not in names
+            assert (
+                "all_gather" not in names
+                and "all_gather_into_tensor" not in names
+                and "broadcast" not in names
+            )
             # full mode: one 2-element all-reduce (finite flag + squared grad norm for the clip factor);
             # LoRA mode: plus ONE all-reduce assembling the small LoRA factor gradients
             assert calls[0] == ("all_reduce", 2) if not lora else calls[-1] == ("all_reduce", 2)

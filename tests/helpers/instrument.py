@@ -41,7 +41,13 @@ def count_collectives() -> Iterator[list[tuple[str, int]]]:
 
         def wrapper(*args, __name=name, __fn=fn, **kwargs):
             t = next((a for a in args if isinstance(a, torch.Tensor)), None)
-            if t is None and args and isinstance(args[0], list) and args[0] and isinstance(args[0][0], torch.Tensor):
+            if (
+                t is None
+                and args
+                and isinstance(args[0], list)
+                and args[0]
+                and isinstance(args[0][0], torch.Tensor)
+            ):
                 t = args[0][0]
             calls.append((__name, int(t.numel()) if t is not None else 0))
             return __fn(*args, **kwargs)

@@ -49,7 +49,9 @@ def topp_mask(f: torch.Tensor, keep_fraction: float) -> torch.Tensor:
     return f >= flat[k - 1]
 
 
-def merge(w_r: torch.Tensor, sources: list[tuple[torch.Tensor, torch.Tensor]], sign_rule: bool = True) -> torch.Tensor:
+def merge(
+    w_r: torch.Tensor, sources: list[tuple[torch.Tensor, torch.Tensor]], sign_rule: bool = True
+) -> torch.Tensor:
     """W_r + sum_p W_p * M_p * 1[W_r * W_p > 0], element by element, against the original W_r."""
     out = w_r.clone()
     rows, cols = w_r.shape

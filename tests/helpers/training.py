@@ -18,7 +18,9 @@ def lr_lambda(step: int) -> float:
     return min(1.0, (step + 1) / 2) * 0.9**step
 
 
-def ds_config(stage: int, micro: int, gas: int, clip: float, bf16: bool = False, block: dict | None = None) -> dict:
+def ds_config(
+    stage: int, micro: int, gas: int, clip: float, bf16: bool = False, block: dict | None = None
+) -> dict:
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas,
@@ -40,14 +42,23 @@ def ds_config(stage: int, micro: int, gas: int, clip: float, bf16: bool = False,
     return cfg
 
 
-def global_batches(steps: int, world: int, micro: int, gas: int, seed: int = 5) -> list[list[dict[str, torch.Tensor]]]:
+def global_batches(
+    steps: int, world: int, micro: int, gas: int, seed: int = 5
+) -> list[list[dict[str, torch.Tensor]]]:
     """Per optimizer step, per accumulation micro-step: the GLOBAL micro-batch (world * micro rows)."""
     flat = batches(steps * gas, batch=world * micro, seq=10, seed=seed)
     return [flat[s * gas : (s + 1) * gas] for s in range(steps)]
 
 
 def single_process_run(
-    block: dict, steps: int, world: int, micro: int, gas: int, clip: float, num_layers: int = 6, lora: bool = False
+    block: dict,
+    steps: int,
+    world: int,
+    micro: int,
+    gas: int,
+    clip: float,
+    num_layers: int = 6,
+    lora: bool = False,
 ) -> dict[str, Any]:
     """The reference: one process, the whole global batch, torch AdamW + LambdaLR, torch clipping."""
     model = make_model(num_layers, lora)
@@ -80,7 +91,9 @@ def make_model(num_layers: int, lora: bool):
 
         from helpers.naive import LINEARS
 
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(LINEARS), lora_dropout=0.0))
+        model = get_peft_model(
+            model, LoraConfig(r=4, lora_alpha=8, target_modules=list(LINEARS), lora_dropout=0.0)
+        )
         torch.manual_seed(1)
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -121,7 +134,10 @@ def deepspeed_run(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, lr_scheduler=sched)
     pruner = GradPruner(
-        engine.module, GradPrunerConfig.from_dict(block), total_steps=steps, backend=DeepSpeedBackend(engine, cfg)
+        engine.module,
+        GradPrunerConfig.from_dict(block),
+        total_steps=steps,
+        backend=DeepSpeedBackend(engine, cfg),
     )
     out: dict[str, Any] = {"observe_calls": [], "plan_calls": [], "merge_calls": []}
     if instrument:

@@ -61,7 +61,9 @@ def test_budget_must_leave_a_layer():
     with pytest.raises(ValueError, match=r"^gradpruner: prune_ratio x 10 layers must cover num_merge"):
         GradPrunerConfig.from_dict({"window_steps": 2, "prune_ratio": 0.1, "num_merge": 2}).resolve_budget(10)
     # ratio: 13 of 32 layers at 40% (the paper's headline), 10 dropped + 3 merged
-    assert GradPrunerConfig.from_dict({"window_steps": 2, "prune_ratio": 0.4, "num_merge": 3}).resolve_budget(32) == (10, 3)
+    assert GradPrunerConfig.from_dict({"window_steps": 2, "prune_ratio": 0.4, "num_merge": 3}).resolve_budget(
+        32
+    ) == (10, 3)
 
 
 def test_window_must_fit_the_run():
@@ -76,9 +78,13 @@ def test_block_from_deepspeed_config(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_batch_size": 8, "gradpruner": GOOD}))
     assert load_config(path) == GradPrunerConfig.from_dict(GOOD)
-    with pytest.raises(ValueError, match=r"^gradpruner: the config has no 'gradpruner' block but a key that looks"):
+    with pytest.raises(
+        ValueError, match=r"^gradpruner: the config has no 'gradpruner' block but a key that looks"
+    ):
         load_config({"train_batch_size": 8, "grad_pruner": GOOD})
-    with pytest.raises(ValueError, match=r"^gradpruner: the config has no 'gradpruner' block but a key that looks"):
+    with pytest.raises(
+        ValueError, match=r"^gradpruner: the config has no 'gradpruner' block but a key that looks"
+    ):
         load_config({"train_batch_size": 8, "gradprunner": GOOD})
     with pytest.raises(ValueError, match=r"^gradpruner: --gradpruner needs a 'gradpruner' block"):
         load_config({"train_batch_size": 8})
@@ -95,7 +101,10 @@ def test_block_from_deepspeed_config(tmp_path):
 
 def test_config_digest_ignores_output_only_settings():
     a = GradPrunerConfig.from_dict(GOOD)
-    assert a.config_digest() == GradPrunerConfig.from_dict({**GOOD, "output_dir": "/tmp/x", "plot": False}).config_digest()
+    assert (
+        a.config_digest()
+        == GradPrunerConfig.from_dict({**GOOD, "output_dir": "/tmp/x", "plot": False}).config_digest()
+    )
     assert a.config_digest() != GradPrunerConfig.from_dict({**GOOD, "keep_fraction": 0.3}).config_digest()
 
 

@@ -99,7 +99,10 @@ def _two_layer_table() -> tuple[torch.Tensor, list, ScoreContext]:
 def test_scores_hand_example():
     table, keys, ctx = _two_layer_table()
     # paper: mean over steps of ||G||^2 summed over the layer's sublayers
-    assert layer_scores(table, keys, "igia_sum", ctx) == [(4 + 16) / 2 + (9 + 1) / 2, (1 + 9) / 2 + (16 + 4) / 2]
+    assert layer_scores(table, keys, "igia_sum", ctx) == [
+        (4 + 16) / 2 + (9 + 1) / 2,
+        (1 + 9) / 2 + (16 + 4) / 2,
+    ]
     # reference code: unsquared norms summed over steps and sublayers
     assert layer_scores(table, keys, "igia_norm_sum", ctx) == [2 + 4 + 3 + 1, 1 + 3 + 4 + 2]
     assert layer_scores(table, keys, "obd", ctx) == [3.0, 7.0]
@@ -149,7 +152,14 @@ def test_plan_digest_and_json_roundtrip():
     back = PrunePlan.from_json(plan.to_json())
     assert back == plan and back.digest() == plan.digest()
     other = make_plan(
-        [5.0, 1.0, 0.5, 2.0 + 1e-9], 1, 1, criterion="igia_sum", observed_steps=3, skipped_steps=0, step=3, config_digest="abc"
+        [5.0, 1.0, 0.5, 2.0 + 1e-9],
+        1,
+        1,
+        criterion="igia_sum",
+        observed_steps=3,
+        skipped_steps=0,
+        step=3,
+        config_digest="abc",
     )
     assert other.digest() != plan.digest()
 
@@ -234,7 +244,9 @@ def test_sign_merge_tests_every_source_against_the_original():
 
 def test_merge_without_sign_rule_is_plain_masked_addition():
     target = torch.tensor([1.0, -1.0, 0.0])
-    sign_consistent_merge_(target, [(torch.tensor([3.0, 2.0, 5.0]), torch.tensor([True, False, True]))], sign_rule=False)
+    sign_consistent_merge_(
+        target, [(torch.tensor([3.0, 2.0, 5.0]), torch.tensor([True, False, True]))], sign_rule=False
+    )
     assert target.tolist() == [4.0, -1.0, 5.0]
 
 

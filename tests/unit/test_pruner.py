@@ -42,7 +42,13 @@ def train_step(model, opt, sched, batch, pruner=None, record=None):
 
 
 def _cfg(tmp_path, **kw):
-    block = {"window_steps": WINDOW, "num_drop": 1, "num_merge": 2, "keep_fraction": 0.3, "output_dir": str(tmp_path)}
+    block = {
+        "window_steps": WINDOW,
+        "num_drop": 1,
+        "num_merge": 2,
+        "keep_fraction": 0.3,
+        "output_dir": str(tmp_path),
+    }
     block.update(kw)
     return GradPrunerConfig.from_dict(block)
 
@@ -95,7 +101,9 @@ def test_full_mode_matches_naive_reference_and_separately_built_pruned_model(tmp
                 if targets[p] == old_i
             ]
             if sources:
-                new_sd[f"model.layers.{new_i}.{n}.weight"] = naive.merge(sd[f"model.layers.{old_i}.{n}.weight"], sources)
+                new_sd[f"model.layers.{new_i}.{n}.weight"] = naive.merge(
+                    sd[f"model.layers.{old_i}.{n}.weight"], sources
+                )
     pruned_ref = LlamaForCausalLM(tiny_llama_config(len(kept)))
     pruned_ref.load_state_dict(new_sd, strict=False)
     pruned_ref.tie_weights()
@@ -146,7 +154,9 @@ def test_lora_mode_scores_masks_and_merge_match_naive_products(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     base = tiny_llama(5)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(naive.LINEARS), lora_dropout=0.0))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=list(naive.LINEARS), lora_dropout=0.0)
+    )
     with torch.no_grad():  # B starts at 0 in peft; give it values so both factor grads are non-zero
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -166,7 +176,11 @@ def test_lora_mode_scores_masks_and_merge_match_naive_products(tmp_path):
 
     for batch in batches(WINDOW, seed=3):
         train_step(model, opt, sched, batch, record=record, pruner=pruner)
-    base_before = {(i, n): layers[i].get_submodule(n).base_layer.weight.detach().clone() for i in range(5) for n in naive.LINEARS}
+    base_before = {
+        (i, n): layers[i].get_submodule(n).base_layer.weight.detach().clone()
+        for i in range(5)
+        for n in naive.LINEARS
+    }
     pruner.maybe_prune(opt, sched)
     plan = pruner.plan
     scores = naive.scores(grads)
@@ -176,7 +190,9 @@ def test_lora_mode_scores_masks_and_merge_match_naive_products(tmp_path):
     p, t = merged[0], targets[merged[0]]
     new_t = list(plan.kept).index(t)
     for n in naive.LINEARS:
-        want = naive.merge(base_before[(t, n)], [(base_before[(p, n)], naive.topp_mask(naive.igia(grads[p][n]), 0.3))])
+        want = naive.merge(
+            base_before[(t, n)], [(base_before[(p, n)], naive.topp_mask(naive.igia(grads[p][n]), 0.3))]
+        )
         got = model.base_model.model.model.layers[new_t].get_submodule(n).base_layer.weight
         assert torch.allclose(got, want, atol=1e-7), n
     # pruned layers' adapters left the optimizer; kept adapters still train
@@ -231,7 +247,9 @@ def test_all_steps_non_finite_is_a_clear_error(tmp_path):
         model.model.layers[0].mlp.up_proj.weight.grad.fill_(float("inf"))
         pruner.observe()
         model.zero_grad()
-    with pytest.raises(ValueError, match="^gradpruner: the observation window must contain at least one step"):
+    with pytest.raises(
+        ValueError, match="^gradpruner: the observation window must contain at least one step"
+    ):
         pruner.maybe_prune()
     assert len(model.model.layers) == 4 and not (tmp_path / "gradpruner_report.json").exists()
 
