@@ -22,6 +22,8 @@ _LAZY = {
     "for_deepspeed": "gradpruner_ds.backends.deepspeed",
     "DeepSpeedBackend": "gradpruner_ds.backends.deepspeed",
     "add_argparse_args": "gradpruner_ds.args",
+    "save_checkpoint": "gradpruner_ds.backends.deepspeed",
+    "load_checkpoint": "gradpruner_ds.backends.deepspeed",
 }
 
 __all__ = ["__version__", *_LAZY]

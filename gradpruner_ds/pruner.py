@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradpruner_ds.activations import ActivationCollector
 from gradpruner_ds.arch import (
     ArchSpec,
     decoder_layers,
@@ -66,8 +67,10 @@ class GradPruner:
         *,
         total_steps: int | None = None,
         backend: Backend | None = None,
+        seed: int = 0,
     ) -> None:
         self.config = config
+        self.seed = seed  # only read by the 'random' criterion
         self.model = model
         self.backend = backend or Backend()
         self.spec: ArchSpec = get_arch(model)
@@ -99,6 +102,13 @@ class GradPruner:
             slices=self.backend.lora_slices(self.weights) if self.mode == "lora" else None,
             owns_lora_scalars=self.backend.rank == 0,
         )
+        crit = get_criterion(config.criterion)
+        self.collector: ActivationCollector | None = None
+        if config.enabled and crit.source == "activation":
+            assert crit.spans is not None
+            self.collector = ActivationCollector(
+                model, crit.spans(self.num_drop + self.num_merge), gate_grads=crit.gate_grads
+            )
         self.steps_seen = 0
         self.plan: PrunePlan | None = None
         self.report: dict[str, Any] | None = None
@@ -183,12 +193,27 @@ class GradPruner:
         """Global per-layer scores: one SUM all-reduce of the packed partial table."""
         assert self.acc is not None
         crit = get_criterion(self.config.criterion)
-        weights = None
-        if crit.needs_saliency or crit.needs_weight_norm:
-            weights = self.backend.local_weights(self.weights)
-        table = partial_table(self.acc, self.config.criterion, weights)
-        self.backend.all_reduce_sum_(table)
-        ctx = ScoreContext(self.num_layers, self.spec.residual_writers)
+        spans: tuple[int, ...] = ()
+        if crit.source == "activation":  # hidden-state statistics replace the IGIA table
+            assert self.collector is not None
+            table = self.collector.table()
+            spans = self.collector.spans
+            self.backend.all_reduce_sum_(table)
+        elif crit.source == "static":  # no data: nothing to reduce
+            table = torch.zeros(1, self.num_layers, dtype=torch.float64)
+        else:
+            weights = None
+            if crit.needs_saliency or crit.needs_weight_norm:
+                weights = self.backend.local_weights(self.weights)
+            table = partial_table(self.acc, self.config.criterion, weights)
+            self.backend.all_reduce_sum_(table)
+        ctx = ScoreContext(
+            self.num_layers,
+            self.spec.residual_writers,
+            budget=self.num_drop + self.num_merge,
+            spans=spans,
+            seed=self.seed,
+        )
         return layer_scores(table, self.keys, self.config.criterion, ctx)
 
     def make_plan(self, step: int | None = None) -> PrunePlan:
@@ -275,21 +300,12 @@ class GradPruner:
     def prune(self, optimizer: Any = None, lr_scheduler: Any = None) -> tuple[Any, Any]:
         """Plan, merge, remove the layers and rebuild the optimizer; training continues after it."""
         plan = self.make_plan()
+        if self.collector is not None:  # the activation hooks end with the window
+            self.collector.remove()
+            self.collector = None
         params_before = count_params(self.model, self.backend)
         merge_stats = self.merge(plan)
-        removed_layers = [decoder_layers(self.model)[i] for i in plan.removed]
-        removed_params = [p for layer in removed_layers for p in layer.parameters()]
-        remove_layers(self.model, list(plan.removed))
-        unwrap_model(self.model).config.gradpruner = {
-            "plan_digest": plan.digest(),
-            "kept_layers": list(plan.kept),
-            "original_num_layers": plan.num_layers,
-        }
-        self.plan = plan
-        self.acc = None  # frees the IGIA state
-        self.weights, self.factors = {}, {}  # no reference to removed parameters may survive
-        optimizer, lr_scheduler = self.backend.rebuild(self.model, removed_params, optimizer, lr_scheduler)
-        del removed_layers, removed_params
+        optimizer, lr_scheduler = self._cut(plan, optimizer, lr_scheduler)
         params_after = count_params(self.model, self.backend)
         self.report = build_report(
             plan, params_before=params_before, params_after=params_after, extra=merge_stats
@@ -305,6 +321,37 @@ class GradPruner:
             100.0 * params_after / params_before,
         )
         return optimizer, lr_scheduler
+
+    def _cut(self, plan: PrunePlan, optimizer: Any, lr_scheduler: Any) -> tuple[Any, Any]:
+        """Remove the plan's layers, forget every reference to them, rebuild the optimizer/engine."""
+        removed_layers = [decoder_layers(self.model)[i] for i in plan.removed]
+        removed_params = [p for layer in removed_layers for p in layer.parameters()]
+        remove_layers(self.model, list(plan.removed))
+        unwrap_model(self.model).config.gradpruner = {
+            "plan_digest": plan.digest(),
+            "kept_layers": list(plan.kept),
+            "original_num_layers": plan.num_layers,
+        }
+        self.plan = plan
+        self.acc = None  # frees the IGIA state
+        self.weights, self.factors = {}, {}  # no reference to removed parameters may survive
+        del removed_layers
+        return self.backend.rebuild(self.model, removed_params, optimizer, lr_scheduler)
+
+    def replay(self, plan: PrunePlan, optimizer: Any = None, lr_scheduler: Any = None) -> tuple[Any, Any]:
+        """Re-apply a saved plan's surgery to the dense model (resume): no scoring and no merge, since
+        the checkpoint that is loaded next holds the merged weights."""
+        if plan.num_layers != self.num_layers or plan.config_digest != self.config.config_digest():
+            raise user_error(
+                "a saved plan must come from the same model and gradpruner settings",
+                f"plan for {plan.num_layers} layers / config {plan.config_digest[:12]}",
+                "resume with the dense model and the gradpruner block of the run that saved it",
+            )
+        if self.plan is not None:
+            raise AssertionError("the model is already pruned")
+        self.backend.check_plan(plan, self.config.consensus_timeout_s)
+        log.info("resuming a pruned run: replaying the plan's surgery (layers %s)", list(plan.removed))
+        return self._cut(plan, optimizer, lr_scheduler)
 
     def _write_report(self) -> None:
         if self.config.output_dir is None or self.backend.rank != 0:

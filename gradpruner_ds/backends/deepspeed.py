@@ -304,7 +304,8 @@ class DeepSpeedBackend(Backend):
             for i, grp in enumerate(old.optimizer.bit16_groups):
                 kept_groups[i].extend(p for p in grp if id(p) not in gone)
         step = _adam_step(client)
-        carried = self._save_state([p for g in kept_groups for p in g])
+        moments = any("exp_avg" in st for st in client.state.values())  # none before the first step
+        carried = self._save_state([p for g in kept_groups for p in g], moments)
         counters = {
             k: getattr(old, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")
         }
@@ -331,33 +332,32 @@ class DeepSpeedBackend(Backend):
         self.group = engine.optimizer.dp_process_group
         for k, v in counters.items():
             setattr(engine, k, v)
-        self._restore_state(carried, step)
+        self._restore_state(carried, step, moments)
         return engine, lr_scheduler
 
-    def _save_state(self, kept: list[nn.Parameter]) -> dict[int, dict[str, Any]]:
-        """This rank's piece of each kept parameter's fp32 master and Adam moments (no gather)."""
+    def _save_state(self, kept: list[nn.Parameter], moments: bool) -> dict[int, dict[str, Any]]:
+        """This rank's piece of each kept parameter's fp32 master and (once the optimizer has
+        stepped) Adam moments — local copies, no gather."""
         out: dict[int, dict[str, Any]] = {}
+        keys = ("exp_avg", "exp_avg_sq") if moments else ()
         for p in kept:
+            entry: dict[str, Any] = {"param": p, "frag": self._frag(p)}
             if self.stage == 3:
                 from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
-                out[id(p)] = {
-                    "param": p,
-                    "fp32": safe_get_local_fp32_param(p).clone(),
-                    "exp_avg": safe_get_local_optimizer_state(p, "exp_avg").clone(),
-                    "exp_avg_sq": safe_get_local_optimizer_state(p, "exp_avg_sq").clone(),
-                }
+                entry["fp32"] = safe_get_local_fp32_param(p).clone()
+                for k in keys:
+                    entry[k] = safe_get_local_optimizer_state(p, k).clone()
             else:
                 hm = p._hp_mapping
-                entry: dict[str, Any] = {"param": p, "frag": self._frag(p)}
                 if hm is not None:
                     entry["fp32"] = hm.get_hp_fragment().clone()
-                    entry["exp_avg"] = hm.get_optim_state_fragment("exp_avg").clone()
-                    entry["exp_avg_sq"] = hm.get_optim_state_fragment("exp_avg_sq").clone()
-                out[id(p)] = entry
+                    for k in keys:
+                        entry[k] = hm.get_optim_state_fragment(k).clone()
+            out[id(p)] = entry
         return out
 
-    def _restore_state(self, carried: dict[int, dict[str, Any]], step: Any) -> None:
+    def _restore_state(self, carried: dict[int, dict[str, Any]], step: Any, moments: bool) -> None:
         opt = self.engine.optimizer
         client = opt.optimizer
         # torch Adam creates its state lazily at the first step: create it now, then fill it
@@ -377,14 +377,15 @@ class DeepSpeedBackend(Backend):
                 from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
                 safe_set_local_fp32_param(p, entry["fp32"])
-                safe_set_local_optimizer_state(p, entry["exp_avg"], "exp_avg")
-                safe_set_local_optimizer_state(p, entry["exp_avg_sq"], "exp_avg_sq")
+                for k in ("exp_avg", "exp_avg_sq"):
+                    if k in entry:
+                        safe_set_local_optimizer_state(p, entry[k], k)
                 continue
             # ZeRO-1/2: the fragments moved; assemble one parameter at a time from the old fragments
             old_start, old_numel = entry["frag"]
             hm = p._hp_mapping
             new_start, new_numel = self._frag(p)
-            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            for key in ("fp32", "exp_avg", "exp_avg_sq") if moments else ("fp32",):
                 buf = torch.zeros(p.numel(), dtype=torch.float32)
                 if key in entry:
                     buf[old_start : old_start + old_numel] = entry[key].reshape(-1)
@@ -419,6 +420,44 @@ def for_deepspeed(
     return GradPruner(
         engine.module, cfg, total_steps=total_steps, backend=DeepSpeedBackend(engine, ds_config)
     )
+
+
+def save_checkpoint(
+    engine: Any, pruner: Any, save_dir: str, tag: str | None = None, client_state: dict | None = None
+) -> str:
+    """``engine.save_checkpoint`` plus GradPruner's state (IGIA pieces during the window, the plan
+    after it) in ``<save_dir>/<tag>/gradpruner/``. Call on every rank; returns the tag."""
+    from pathlib import Path
+
+    from gradpruner_ds.checkpoint import SUBDIR, save_pruner_state
+
+    tag = tag or f"global_step{engine.global_steps}"
+    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state or {})
+    save_pruner_state(pruner, Path(save_dir) / tag / SUBDIR)
+    dist.barrier()
+    return tag
+
+
+def load_checkpoint(
+    engine: Any, pruner: Any, load_dir: str, tag: str | None = None, lr_scheduler: Any = None
+) -> tuple[Any, Any, dict]:
+    """Resume: restore GradPruner's state, replay the surgery if the saved run was already pruned
+    (a new engine over the pruned model), then ``engine.load_checkpoint``. Returns
+    ``(engine, lr_scheduler, client_state)``."""
+    from pathlib import Path
+
+    from gradpruner_ds.checkpoint import SUBDIR, load_pruner_state
+
+    if tag is None:
+        latest = Path(load_dir) / "latest"
+        if not latest.exists():
+            raise user_error("a checkpoint folder must name its latest tag", str(latest), "pass tag=...")
+        tag = latest.read_text().strip()
+    plan = load_pruner_state(pruner, Path(load_dir) / tag / SUBDIR)
+    if plan is not None:
+        engine, lr_scheduler = pruner.replay(plan, engine, lr_scheduler)
+    _, client_state = engine.load_checkpoint(load_dir, tag=tag)
+    return engine, lr_scheduler, client_state or {}
 
 
 def optimizer_client(optimizer: Any) -> torch.optim.Optimizer:

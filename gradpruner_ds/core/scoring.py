@@ -13,8 +13,10 @@ Every criterion returns "higher = more important"; the lowest-scoring layers are
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -30,6 +32,13 @@ class Criterion:
     needs_saliency: bool
     needs_weight_norm: bool
     fn: Callable[[torch.Tensor, Sequence[Key], ScoreContext], torch.Tensor]
+    source: str = "igia"
+    """What the table is made of: "igia" (gradient statistics, table above), "activation" (hidden-state
+    statistics from :class:`gradpruner_ds.activations.ActivationCollector`) or "static" (no data)."""
+    spans: Callable[[int], tuple[int, ...]] | None = None
+    """For "activation" criteria: the block lengths to collect, given the budget (layers removed)."""
+    gate_grads: bool = False
+    """For "activation" criteria: also collect the layer-gate gradients (gradient hooks)."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,12 @@ class ScoreContext:
 
     num_layers: int
     residual_writers: tuple[str, ...]
+    budget: int = 0
+    """Layers removed in total (dropped + merged); read by block criteria ('angular')."""
+    spans: tuple[int, ...] = ()
+    """Block lengths of an activation table, in its row order (see ``gradpruner_ds.activations``)."""
+    seed: int = 0
+    """Seed of the 'random' criterion (identical on every rank)."""
 
 
 CRITERIA: dict[str, Criterion] = {}
@@ -151,3 +166,110 @@ def layer_scores(table: torch.Tensor, keys: Sequence[Key], criterion: str, ctx: 
     """Per-layer scores (higher = more important) from the GLOBAL (all-reduced) table."""
     scores = get_criterion(criterion).fn(table, keys, ctx)
     return [float(s) for s in scores]
+
+
+# ---- criteria that do not read IGIA --------------------------------------------------------------
+# "activation" criteria read the table of gradpruner_ds.activations.ActivationCollector (rows 2i / 2i+1:
+# sums of (1 - cos) / arccos(cos)/pi of the block of length ctx.spans[i] starting at each layer; rows -4,
+# -3, -2: layer-gate sums of s**2, s and the sequence count; last row: token counts); "static" criteria read no table at all (it may be empty).
+
+
+def _register_other(
+    name: str,
+    doc: str,
+    source: str,
+    spans: Callable[[int], tuple[int, ...]] | None = None,
+    gate_grads: bool = False,
+) -> Callable[[Callable[[torch.Tensor, Sequence[Key], ScoreContext], torch.Tensor]], Any]:
+    def wrap(fn: Callable[[torch.Tensor, Sequence[Key], ScoreContext], torch.Tensor]):
+        CRITERIA[name] = Criterion(
+            name, doc, False, False, fn, source=source, spans=spans, gate_grads=gate_grads
+        )
+        return fn
+
+    return wrap
+
+
+def _span_means(table: torch.Tensor, ctx: ScoreContext, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (1 - cos) and mean angular distance of the blocks of length ``span`` (by start layer)."""
+    if span not in ctx.spans:
+        raise AssertionError(f"activation table lacks span {span} (has {ctx.spans})")
+    i = ctx.spans.index(span)
+    count = table[-1].double().clamp_min(1.0)
+    return table[2 * i].double() / count, table[2 * i + 1].double() / count
+
+
+@_register_other(
+    "gate_fisher",
+    "Layer-level Optimal Brain Damage (ours): put a scalar gate a_l on layer l's residual update, "
+    "h_{l+1} = h_l + a_l * f_l(h_l). Its gradient per sequence e is s_{l,e} = sum over tokens of "
+    "<dL/dh_{l+1}, h_{l+1} - h_l>; S_l = mean_e s_{l,e}**2 is the empirical Fisher of the gate, i.e. "
+    "(x 1/2) the second-order estimate of the loss increase of setting a_l = 0 (removing the layer). "
+    "Unlike the IGIA sums it is invariant to the residual-stream scale (dL/dh ~ 1/|h| is multiplied by "
+    "the update, which grows with |h|). Needs forward + gradient hooks during the window.",
+    source="activation",
+    spans=lambda budget: (1,),
+    gate_grads=True,
+)
+def _gate_fisher(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) -> torch.Tensor:
+    return (table[-4].double() / table[-2].double().clamp_min(1.0))[: ctx.num_layers]
+
+
+@_register_other(
+    "shortgpt_bi",
+    "ShortGPT block influence (Men et al. 2024): BI_j = mean over tokens of 1 - cos(h_j, h_{j+1}), the "
+    "hidden state entering and leaving layer j. Low BI = the layer barely changes the residual stream "
+    "= pruned first. Needs forward hooks during the window (no gradients).",
+    source="activation",
+    spans=lambda budget: (1,),
+)
+def _shortgpt_bi(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) -> torch.Tensor:
+    return _span_means(table, ctx, 1)[0][: ctx.num_layers]
+
+
+@_register_other(
+    "angular",
+    "Angular distance of a contiguous block (Gromov et al. 2024, 'The Unreasonable Ineffectiveness of "
+    "the Deeper Layers'): for n = the budget, d(l) = mean over tokens of arccos(cos(h_l, h_{l+n})) / pi; "
+    "the block [l*, l*+n) with the smallest d is removed. Score of layer j: d(l*) inside that block, "
+    "otherwise the smallest d of any block containing j (kept strictly above d(l*)). Mean over all "
+    "tokens (Gromov et al. used the last token only).",
+    source="activation",
+    spans=lambda budget: (max(1, budget),),
+)
+def _angular(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) -> torch.Tensor:
+    n, num = max(1, ctx.budget), ctx.num_layers
+    ang = _span_means(table, ctx, n)[1]
+    starts = list(range(num - n + 1))
+    best = min(starts, key=lambda start: (float(ang[start]), start))
+    d_best = float(ang[best])
+    above = math.nextafter(d_best, math.inf)
+    scores = torch.empty(num, dtype=torch.float64)
+    for j in range(num):
+        if best <= j < best + n:
+            scores[j] = d_best
+        else:
+            containing = [float(ang[s]) for s in starts if s <= j < s + n]
+            scores[j] = max(min(containing), above)
+    return scores
+
+
+@_register_other(
+    "reverse",
+    "Reverse order (the ShortGPT paper's baseline): S_j = L - j, so the last n layers (the final one "
+    "included) are removed. Needs no data.",
+    source="static",
+)
+def _reverse(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) -> torch.Tensor:
+    return torch.arange(ctx.num_layers, 0, -1, dtype=torch.float64)
+
+
+@_register_other(
+    "random",
+    "Random layers: S = a random permutation of 1..L drawn from torch.Generator seeded with the "
+    "ScoreContext seed (GradPruner(seed=...)); identical on every rank. A baseline, not a method.",
+    source="static",
+)
+def _random(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(int(ctx.seed))
+    return (torch.randperm(ctx.num_layers, generator=gen) + 1).double()

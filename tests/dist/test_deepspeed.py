@@ -102,3 +102,54 @@ def test_memory_falls_and_old_engine_is_released():
         assert r["old_engine_alive"] is False
         # 3 of 6 layers removed; embeddings/norms are a small part of this model
         assert r["bytes_after"] < 0.62 * r["bytes_before"], (r["bytes_before"], r["bytes_after"])
+
+
+@pytest.mark.parametrize("stage,save_at", [(3, 2), (3, 5), (2, 2), (1, 5)])
+def test_checkpoint_resume_in_window_and_after_prune(tmp_path, stage, save_at):
+    """Save inside the window (IGIA per rank) or after the prune (plan), resume in NEW processes:
+    scores, plan and every loss equal the uninterrupted run."""
+    full = run_ranks(deepspeed_run, 2, BLOCK, STEPS, stage, MICRO, GAS, CLIP)
+    ck = str(tmp_path / "ckpt")
+    first = run_ranks(deepspeed_run, 2, BLOCK, STEPS, stage, MICRO, GAS, CLIP, 6, False, False, False, ck, save_at)
+    second = run_ranks(deepspeed_run, 2, BLOCK, STEPS, stage, MICRO, GAS, CLIP, 6, False, False, False, ck, None, True)
+    for a, b, c in zip(full, first, second, strict=True):
+        assert b["losses"] + c["losses"] == pytest.approx(a["losses"], abs=1e-6)
+        assert c["scores"] == pytest.approx(a["scores"], rel=1e-6)
+        assert c["plan"]["dropped"] == a["plan"]["dropped"] and c["plan"]["targets"] == a["plan"]["targets"]
+    state = (tmp_path / "ckpt" / f"global_step{save_at}" / "gradpruner" / "state.json").read_text()
+    assert ('"plan": null' in state) == (save_at <= BLOCK["window_steps"])
+
+
+def _disagree(rank: int, world: int, mode: str) -> dict:
+    """Rank 1 differs: another keep_fraction (so another plan digest), or it never reaches the check."""
+    import time
+
+    block = dict(BLOCK, consensus_timeout_s=5.0)
+    if rank == 1 and mode == "plan":
+        block["keep_fraction"] = 0.31
+    if rank == 1 and mode == "absent":  # trains normally, then is stuck elsewhere instead of the check
+        import gradpruner_ds.dist as gdist
+
+        def stuck(*args, **kwargs):
+            time.sleep(12.0)
+            raise RuntimeError("simulated stuck rank")
+
+        gdist.check_same_plan = stuck
+    start = time.monotonic()
+    try:
+        deepspeed_run(rank, world, block, STEPS, 3, MICRO, GAS, CLIP)
+    except (ValueError, RuntimeError) as exc:
+        return {"error": str(exc), "elapsed": time.monotonic() - start}
+    return {"error": None, "elapsed": time.monotonic() - start}
+
+
+def test_ranks_with_different_plans_all_fail_fast():
+    results = run_ranks(_disagree, 2, "plan", barrier=False, timeout=120)
+    for r in results:
+        assert r["error"] is not None and r["error"].startswith("gradpruner: the ranks computed different prune plans")
+
+
+def test_a_rank_that_never_reaches_the_plan_check_fails_within_the_timeout():
+    r0, r1 = run_ranks(_disagree, 2, "absent", barrier=False, timeout=120)
+    assert r0["error"] is not None and r0["error"].startswith("gradpruner: the ranks did not all reach the plan check")
+    assert r1["error"] == "simulated stuck rank"

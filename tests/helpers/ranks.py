@@ -16,7 +16,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, q: Any) -> None:
+def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, q: Any, barrier: bool) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -35,10 +35,8 @@ def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple
     import sys
 
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    faulthandler.enable(file=sys.stderr, all_threads=True)  # a crashing rank shows where
     if os.environ.get("GRADPRUNER_TEST_DUMP_AFTER"):
-        import faulthandler
-        import sys
-
         faulthandler.dump_traceback_later(float(os.environ["GRADPRUNER_TEST_DUMP_AFTER"]), file=sys.stderr)
     try:
         import deepspeed
@@ -49,23 +47,30 @@ def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
         result = fn(rank, world, *args)
         q.put((rank, "ok", result))
-        dist.barrier()
-        dist.destroy_process_group()
+        if barrier:
+            dist.barrier()
+            dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent
         q.put((rank, "error", traceback.format_exc()))
     finally:
+        # the queue's feeder thread must flush before os._exit, or the report is lost
+        q.close()
+        q.join_thread()
         os._exit(0)  # gloo threads can abort interpreter shutdown (platform.md)
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 240.0) -> list[Any]:
+def run_ranks(
+    fn: Callable[..., Any], world: int, *args: Any, timeout: float = 240.0, barrier: bool = True
+) -> list[Any]:
     """``fn(rank, world, *args)`` on ``world`` ranks; returns the per-rank results (rank order).
 
     Raises AssertionError with the failing rank's traceback, or on timeout (the ranks are killed).
+    ``barrier=False`` skips the closing barrier (for tests that leave a collective unmatched).
     """
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, args, q)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, args, q, barrier)) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
@@ -88,8 +93,13 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 2
             try:
                 rank, status, payload = q.get(timeout=min(left, 5.0))
             except queue.Empty:
-                if errors and all(not p.is_alive() or True for p in procs):
-                    break
+                reported = set(results) | {int(e.split(":", 1)[0].split()[1]) for e in errors}
+                dead = [r for r, p in enumerate(procs) if r not in reported and p.exitcode is not None]
+                if dead:
+                    time.sleep(1.0)  # a rank that just exited may still be flushing its report
+                    if q.empty():
+                        codes = {r: procs[r].exitcode for r in dead}
+                        raise AssertionError(f"rank(s) died without reporting (exit codes {codes})") from None
                 continue
             if status == "ok":
                 results[rank] = payload

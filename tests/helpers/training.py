@@ -115,17 +115,22 @@ def deepspeed_run(
     lora: bool = False,
     bf16: bool = False,
     instrument: bool = False,
+    ckpt_dir: str | None = None,
+    save_at: int | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """The same recipe under DeepSpeed: each rank takes its rows of every global micro-batch.
 
     ``instrument`` also records the collectives issued by observe / planning / merge and the live
-    tensor bytes before and after the prune, and whether the old engine was released."""
+    tensor bytes before and after the prune, and whether the old engine was released.
+    ``save_at=k`` saves a checkpoint after optimizer step k and stops; ``resume`` loads the latest
+    checkpoint from ``ckpt_dir`` first and runs the remaining steps."""
     import gc
     import weakref
 
     import deepspeed
 
-    from gradpruner_ds.backends.deepspeed import DeepSpeedBackend
+    from gradpruner_ds.backends.deepspeed import DeepSpeedBackend, load_checkpoint, save_checkpoint
     from helpers.instrument import count_collectives, live_tensor_bytes
 
     model = make_model(num_layers, lora)
@@ -153,7 +158,14 @@ def deepspeed_run(
 
             setattr(pruner, name, wrapped)
     losses = []
-    for micro_batches in global_batches(steps, world, micro, gas):
+    start = 0
+    if resume:
+        assert ckpt_dir is not None
+        engine, sched, _ = load_checkpoint(engine, pruner, ckpt_dir, lr_scheduler=sched)
+        start = engine.global_steps
+    for step, micro_batches in enumerate(global_batches(steps, world, micro, gas)):
+        if step < start:
+            continue
         total = torch.zeros(1, dtype=torch.float64)
         for b in micro_batches:
             mine = {k: v[rank * micro : (rank + 1) * micro] for k, v in b.items()}
@@ -170,6 +182,10 @@ def deepspeed_run(
         if instrument and "bytes_before" in out and "bytes_after" not in out:
             out["bytes_after"] = live_tensor_bytes()
         losses.append(float(total) / world)
+        if save_at is not None and step + 1 == save_at:
+            assert ckpt_dir is not None
+            save_checkpoint(engine, pruner, ckpt_dir)
+            return {"losses": losses}
     assert pruner.plan is not None
     if instrument:  # the last loss of the window held the old autograd graph until the next step
         del loss

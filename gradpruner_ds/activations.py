@@ -1,0 +1,198 @@
+"""Hidden-state statistics for the activation criteria (ShortGPT block influence, Gromov angular distance).
+
+:class:`ActivationCollector` registers forward hooks on the decoder layers for the observation window.
+For every training forward it compares the residual-stream hidden state entering a block of ``s``
+consecutive layers with the one leaving it, per token, and accumulates ADDITIVE partial sums:
+
+* ``sum over tokens of (1 - cos(h_l, h_{l+s}))``        (block influence, ShortGPT)
+* ``sum over tokens of arccos(cos(h_l, h_{l+s})) / pi``  (angular distance, Gromov et al.)
+* ``number of tokens``
+
+where ``h_l`` is the input of decoder layer ``l`` and ``h_{l+s}`` the output of layer ``l+s-1``.
+Padding positions (``attention_mask == 0`` of the model call) are excluded.
+
+With ``gate_grads=True`` it also accumulates, per layer ``l`` and per sequence ``e`` of the batch, the
+derivative of the loss with respect to a scalar gate on the layer's residual update
+``h_{l+1} = h_l + a_l * f_l(h_l)`` at ``a_l = 1``: ``s_{l,e} = sum over the tokens of e of
+<dL/dh_{l+1}, h_{l+1} - h_l>`` (read by a gradient hook on the layer output), as
+``sum_e s_{l,e} ** 2`` (per-example empirical Fisher of the gate), ``sum_e s_{l,e}`` and the number of
+sequences.
+
+Table layout (float64, ``[2 * len(spans) + 4, num_layers]``): for span index ``i`` row ``2i`` holds the
+(1 - cos) sums and row ``2i + 1`` the angular sums of the block that STARTS at layer ``l`` (zero where
+the block would run past the last layer); rows ``-4, -3, -2`` hold the gate sums ``sum_e s**2``,
+``sum_e s`` and the sequence count (zeros without ``gate_grads``); the last row holds the number of tokens seen by layer ``l`` (equal in every column after whole
+forwards).
+Every entry is a sum over tokens, so the tables of disjoint data shards (data-parallel ranks,
+micro-batches) add up to the table of the whole batch: one all-reduce (SUM) gives exact global means.
+
+The hooks only collect while the model is in training mode, cost nothing once :meth:`remove` is called,
+and keep at most ``max(spans) + 1`` normalised hidden states alive during a forward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from gradpruner_ds.arch import decoder_layers, unwrap_model
+from gradpruner_ds.errors import user_error
+
+__all__ = ["ActivationCollector", "pair_stats", "table_rows", "GATE_SQ_ROW", "GATE_SUM_ROW", "GATE_COUNT_ROW"]
+
+GATE_SQ_ROW, GATE_SUM_ROW, GATE_COUNT_ROW = -4, -3, -2
+"""Rows of the gate statistics (counted from the end of the table)."""
+
+
+def table_rows(span_index: int) -> tuple[int, int]:
+    """Rows of the (1 - cos) sums and of the angular sums for the ``span_index``-th span."""
+    return 2 * span_index, 2 * span_index + 1
+
+
+def pair_stats(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[sum(1 - cos), sum(arccos(cos) / pi), count]`` over the tokens of two ``[..., hidden]`` tensors.
+
+    ``mask`` (broadcastable to ``a.shape[:-1]``, 1 = real token) excludes padding. Float64 result.
+    """
+    cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8).double()
+    cos = cos.clamp(-1.0, 1.0)
+    ang = torch.arccos(cos) / math.pi
+    if mask is None:
+        w = torch.ones_like(cos)
+    else:
+        w = mask.to(cos.dtype).expand_as(cos)
+    return torch.stack([((1.0 - cos) * w).sum(), (ang * w).sum(), w.sum()])
+
+
+class ActivationCollector:
+    """Forward hooks on every decoder layer of ``model`` that accumulate the block statistics.
+
+    ``spans``: block lengths to measure (1 = single layers, for block influence; ``n`` = the pruning
+    budget, for the angular criterion). Call :meth:`table` for this process's partial table and
+    :meth:`remove` when the window is over.
+    """
+
+    def __init__(self, model: nn.Module, spans: Sequence[int], gate_grads: bool = False) -> None:
+        self.layers = decoder_layers(model)
+        self.num_layers = len(self.layers)
+        self.spans = tuple(sorted(set(int(s) for s in spans)))
+        if not self.spans or self.spans[0] < 1 or self.spans[-1] > self.num_layers:
+            raise user_error(
+                f"activation block spans must lie in [1, {self.num_layers}]",
+                self.spans,
+                "use a pruning budget smaller than the number of decoder layers",
+            )
+        hf = unwrap_model(model)
+        checkpointing = getattr(hf, "is_activation_checkpointing", None)
+        if checkpointing is None:  # older transformers
+            checkpointing = getattr(hf, "is_gradient_checkpointing", False)
+        self.gate_grads = gate_grads
+        if (self.spans[-1] > 1 or gate_grads) and checkpointing:
+            raise user_error(
+                "multi-layer block statistics ('angular') and gate gradients ('gate_fisher') cannot be "
+                "collected with gradient checkpointing (the recompute runs the layers out of order)",
+                self.spans,
+                "disable gradient checkpointing during the observation window, or use 'shortgpt_bi'",
+            )
+        self._table = torch.zeros(2 * len(self.spans) + 4, self.num_layers, dtype=torch.float64)
+        self._mask: torch.Tensor | None = None
+        self._states: dict[int, torch.Tensor] = {}
+        self.forwards = 0
+        self._handles: list[RemovableHandle] = [
+            hf.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
+        ]
+        for idx, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_hook(self._make_hook(idx), with_kwargs=True))
+
+    # ---- hooks ----------------------------------------------------------------------------------
+    def _capture_mask(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]
+        self._mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def _token_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        mask = self._mask
+        if mask is None or tuple(mask.shape) != tuple(hidden.shape[:-1]):
+            return None
+        return mask.to(hidden.device)
+
+    def _make_hook(self, idx: int):
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            if not module.training:
+                return
+            h_in = kwargs.get("hidden_states", args[0] if args else None)
+            h_out = output[0] if isinstance(output, tuple | list) else output
+            if not isinstance(h_in, torch.Tensor) or not isinstance(h_out, torch.Tensor):
+                return
+            self._observe(idx, h_in.detach(), h_out.detach())
+            if self.gate_grads and h_out.requires_grad:
+                self._gate_hook(idx, h_out, h_in, self._token_mask(h_out))
+
+        return hook
+
+    @torch.no_grad()
+    def _observe(self, idx: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+        if idx == 0:
+            self._states = {}
+            self.forwards += 1
+        mask = self._token_mask(h_out)
+        self._states[idx] = h_in
+        end = idx + 1  # h_out is the state at boundary idx + 1
+        for si, span in enumerate(self.spans):
+            start = end - span
+            if start < 0 or start not in self._states:
+                continue
+            stats = pair_stats(self._states[start], h_out, mask)
+            r_bi, r_ang = table_rows(si)
+            self._table[r_bi, start] += stats[0].cpu()
+            self._table[r_ang, start] += stats[1].cpu()
+        self._table[-1, idx] += float(mask.sum()) if mask is not None else float(h_out.shape[:-1].numel())
+        # keep only the states a later block can still start from
+        oldest = end - self.spans[-1] + 1
+        for k in [k for k in self._states if k < oldest]:
+            del self._states[k]
+        if idx == self.num_layers - 1:
+            self._states = {}
+
+    def _gate_hook(
+        self, idx: int, h_out: torch.Tensor, h_in: torch.Tensor, mask: torch.Tensor | None
+    ) -> None:
+        delta = (h_out.detach() - h_in.detach()).float()
+        table = self._table
+
+        def on_grad(grad: torch.Tensor) -> None:
+            if not self._handles:  # removed: a backward after the window records nothing
+                return
+            prod = (grad.detach().float() * delta).sum(-1)  # [batch, tokens]
+            if mask is not None:
+                prod = prod * mask.to(prod.dtype)
+            per_seq = prod.reshape(prod.shape[0], -1).sum(-1).double() if prod.dim() > 1 else prod.double()
+            table[GATE_SQ_ROW, idx] += per_seq.square().sum().cpu()
+            table[GATE_SUM_ROW, idx] += per_seq.sum().cpu()
+            table[GATE_COUNT_ROW, idx] += float(per_seq.numel())
+
+        h_out.register_hook(on_grad)  # lives and dies with this forward's graph
+
+    # ---- results --------------------------------------------------------------------------------
+    def table(self) -> torch.Tensor:
+        """This process's partial table (a copy; see the module docstring for the layout)."""
+        return self._table.clone()
+
+    def remove(self) -> None:
+        """Remove every hook and free the buffered states (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._states = {}
+        self._mask = None
+
+    @property
+    def active(self) -> bool:
+        """True while the hooks are registered."""
+        return bool(self._handles)
