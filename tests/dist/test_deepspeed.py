@@ -153,3 +153,55 @@ def test_a_rank_that_never_reaches_the_plan_check_fails_within_the_timeout():
     r0, r1 = run_ranks(_disagree, 2, "absent", barrier=False, timeout=120)
     assert r0["error"] is not None and r0["error"].startswith("gradpruner: the ranks did not all reach the plan check")
     assert r1["error"] == "simulated stuck rank"
+
+
+def _crash(rank: int, world: int, where: str, ck: str) -> dict:
+    """Rank 1 dies (os._exit) during the window or during the prune's re-partition; checkpoints are
+    saved after every step until then."""
+    import os
+
+    from gradpruner_ds.backends.deepspeed import DeepSpeedBackend
+    from gradpruner_ds.pruner import GradPruner
+
+    if rank == 1 and where == "window":
+        orig = GradPruner.observe
+
+        def observe(self):
+            if self.steps_seen == 2 and self.backend.at_boundary():
+                os._exit(3)
+            return orig(self)
+
+        GradPruner.observe = observe
+    if rank == 1 and where == "prune":
+
+        def rebuild(self, *args, **kwargs):
+            os._exit(3)
+
+        DeepSpeedBackend.rebuild = rebuild
+    return deepspeed_run(rank, world, BLOCK, STEPS, 3, MICRO, GAS, CLIP, 6, False, False, False, ck, None, False, 1)
+
+
+@pytest.mark.parametrize("where", ["window", "prune"])
+def test_a_rank_killed_mid_run_resumes_from_the_last_checkpoint(tmp_path, where):
+    ck = str(tmp_path / "ckpt")
+    with pytest.raises(AssertionError):  # the job fails: one rank died, the other errors out or is killed
+        run_ranks(_crash, 2, where, ck, barrier=False, timeout=90)
+    # both crashes happen during optimizer step 3, before its checkpoint: step 2's is the last, intact
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "global_step2"
+    assert (tmp_path / "ckpt" / "global_step2" / "gradpruner" / "state.json").exists()
+    resumed = run_ranks(deepspeed_run, 2, BLOCK, STEPS, 3, MICRO, GAS, CLIP, 6, False, False, False, ck, None, True)
+    full = reference_ds()
+    for r, f in zip(resumed, full, strict=True):
+        assert r["scores"] == pytest.approx(f["scores"], rel=1e-6)
+        assert r["plan"]["dropped"] == f["plan"]["dropped"] and r["plan"]["targets"] == f["plan"]["targets"]
+        n = len(r["losses"])
+        assert r["losses"] == pytest.approx(f["losses"][-n:], abs=1e-6)
+
+
+_ds_full: list = []
+
+
+def reference_ds() -> list[dict]:
+    if not _ds_full:
+        _ds_full.extend(run_ranks(deepspeed_run, 2, BLOCK, STEPS, 3, MICRO, GAS, CLIP))
+    return _ds_full

@@ -118,6 +118,7 @@ def deepspeed_run(
     ckpt_dir: str | None = None,
     save_at: int | None = None,
     resume: bool = False,
+    save_every: int | None = None,
 ) -> dict[str, Any]:
     """The same recipe under DeepSpeed: each rank takes its rows of every global micro-batch.
 
@@ -182,6 +183,9 @@ def deepspeed_run(
         if instrument and "bytes_before" in out and "bytes_after" not in out:
             out["bytes_after"] = live_tensor_bytes()
         losses.append(float(total) / world)
+        if save_every is not None and (step + 1) % save_every == 0:
+            assert ckpt_dir is not None
+            save_checkpoint(engine, pruner, ckpt_dir)
         if save_at is not None and step + 1 == save_at:
             assert ckpt_dir is not None
             save_checkpoint(engine, pruner, ckpt_dir)

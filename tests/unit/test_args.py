@@ -1,0 +1,170 @@
+"""``--gradpruner`` / ``--gradpruner_config``: argparse behaviour and config resolution (gradpruner: errors)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from gradpruner_ds.args import add_argparse_args, read_block_file, resolve_config
+from gradpruner_ds.config import GradPrunerConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+BLOCK = {"window_steps": 4, "num_drop": 2}
+OTHER = {"window_steps": 7, "prune_ratio": 0.25}
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return add_argparse_args(argparse.ArgumentParser()).parse_args(list(argv))
+
+
+def write(tmp_path: Path, data: object, name: str = "block.json") -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def assert_gp_error(exc: pytest.ExceptionInfo, *needles: str) -> None:
+    msg = str(exc.value)
+    assert msg.startswith("gradpruner:"), msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+
+
+# ---- argparse ------------------------------------------------------------------------------------
+def test_defaults_and_flags():
+    args = parse()
+    assert args.gradpruner is False and args.gradpruner_config is None
+    args = parse("--gradpruner", "--gradpruner_config", "x.json")
+    assert args.gradpruner is True and args.gradpruner_config == "x.json"
+
+
+def test_returns_parser_and_adds_a_named_group():
+    parser = argparse.ArgumentParser()
+    assert add_argparse_args(parser) is parser
+    titles = [g.title for g in parser._action_groups]
+    assert "GradPruner" in titles
+    assert "--gradpruner_config" in parser.format_help()
+
+
+def test_composes_with_deepspeed_arguments():
+    deepspeed = pytest.importorskip("deepspeed")
+    parser = deepspeed.add_config_arguments(argparse.ArgumentParser())
+    add_argparse_args(parser)
+    args = parser.parse_args(["--deepspeed", "--deepspeed_config", "ds.json", "--gradpruner"])
+    assert args.deepspeed and args.deepspeed_config == "ds.json" and args.gradpruner
+
+
+def test_gradpruner_takes_no_value():
+    with pytest.raises(SystemExit):
+        parse("--gradpruner", "yes")
+
+
+# ---- resolution ----------------------------------------------------------------------------------
+def test_off_returns_none_with_or_without_a_block():
+    assert resolve_config(parse(), None) is None
+    assert resolve_config(parse(), {"train_batch_size": 8}) is None
+    assert resolve_config(parse(), {"gradpruner": BLOCK}) is None
+
+
+def test_off_still_rejects_a_misspelled_block():
+    with pytest.raises(ValueError) as exc:
+        resolve_config(parse(), {"grad_pruner": BLOCK})
+    assert_gp_error(exc, "misspelling", "grad_pruner")
+
+
+def test_off_still_validates_a_present_block():
+    with pytest.raises(ValueError) as exc:
+        resolve_config(parse(), {"gradpruner": {**BLOCK, "keep_frac": 0.3}})
+    assert_gp_error(exc, "unknown key 'keep_frac'")
+
+
+def test_block_file_without_the_switch_is_an_error(tmp_path):
+    with pytest.raises(ValueError) as exc:
+        resolve_config(parse("--gradpruner_config", write(tmp_path, BLOCK)), None)
+    assert_gp_error(exc, "--gradpruner is off", "add --gradpruner")
+
+
+def test_on_reads_the_deepspeed_block():
+    cfg = resolve_config(parse("--gradpruner"), {"train_batch_size": 8, "gradpruner": BLOCK})
+    assert isinstance(cfg, GradPrunerConfig)
+    assert cfg.window_steps == 4 and cfg.num_drop == 2
+
+
+@pytest.mark.parametrize("ds_config", [None, {}, {"train_batch_size": 8}])
+def test_on_without_any_block_is_the_load_config_error(ds_config):
+    with pytest.raises(ValueError) as exc:
+        resolve_config(parse("--gradpruner"), ds_config)
+    assert_gp_error(exc, "--gradpruner needs a 'gradpruner' block")
+
+
+def test_on_with_a_misspelled_block(tmp_path):
+    with pytest.raises(ValueError) as exc:
+        resolve_config(parse("--gradpruner"), {"gradPruner": BLOCK})
+    assert_gp_error(exc, "misspelling", "gradPruner")
+    # a block file does not hide the typo in the DeepSpeed config either
+    with pytest.raises(ValueError) as exc:
+        resolve_config(parse("--gradpruner", "--gradpruner_config", write(tmp_path, BLOCK)), {"gradprunr": BLOCK})
+    assert_gp_error(exc, "misspelling", "gradprunr")
+
+
+def test_block_file_overrides_the_deepspeed_block(tmp_path):
+    args = parse("--gradpruner", "--gradpruner_config", write(tmp_path, OTHER))
+    cfg = resolve_config(args, {"gradpruner": BLOCK})
+    assert cfg is not None and cfg.window_steps == 7 and cfg.prune_ratio == 0.25 and cfg.num_drop is None
+    assert resolve_config(args, None) == cfg  # no DeepSpeed config at all (plain PyTorch)
+
+
+def test_block_file_may_wrap_the_block(tmp_path):
+    args = parse("--gradpruner", "--gradpruner_config", write(tmp_path, {"gradpruner": OTHER}))
+    cfg = resolve_config(args, None)
+    assert cfg is not None and cfg.window_steps == 7
+
+
+def test_invalid_block_in_the_file(tmp_path):
+    args = parse("--gradpruner", "--gradpruner_config", write(tmp_path, {**BLOCK, "window_steps": 0}))
+    with pytest.raises(ValueError) as exc:
+        resolve_config(args, None)
+    assert_gp_error(exc, "'window_steps'", "Fix:")
+
+
+def test_invalid_block_in_the_deepspeed_config():
+    with pytest.raises(ValueError) as exc:
+        resolve_config(parse("--gradpruner"), {"gradpruner": {"window_steps": 3}})
+    assert_gp_error(exc, "set exactly one of num_drop or prune_ratio")
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (None, "must exist"),
+        ("{not json", "must be valid JSON"),
+        ("[1, 2]", "must hold a JSON object"),
+    ],
+)
+def test_bad_block_files(tmp_path, content, needle):
+    path = tmp_path / "block.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError) as exc:
+        read_block_file(path)
+    assert_gp_error(exc, needle)
+    with pytest.raises(ValueError) as exc:
+        resolve_config(parse("--gradpruner", "--gradpruner_config", str(path)), None)
+    assert_gp_error(exc, needle)
+
+
+@pytest.mark.parametrize("name", ["demo.json", "zero1.json", "zero2.json", "zero3.json", "zero2_bf16.json", "zero3_bf16.json"])
+def test_shipped_configs_resolve(name):
+    path = ROOT / "configs" / name
+    data = json.loads(path.read_text())
+    if name == "demo.json":  # just the block
+        cfg = resolve_config(parse("--gradpruner", "--gradpruner_config", str(path)), None)
+    else:
+        assert "optimizer" not in data  # a client torch AdamW: no 70 s JIT build
+        assert "gradient_clipping" in data
+        cfg = resolve_config(parse("--gradpruner"), data)
+    assert cfg is not None and cfg.enabled
+    assert cfg.resolve_budget(30)[0] + cfg.resolve_budget(30)[1] == 9  # 30% of SmolLM2's 30 layers
