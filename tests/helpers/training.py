@@ -132,7 +132,7 @@ def deepspeed_run(
     import deepspeed
 
     from gradpruner_ds.backends.deepspeed import DeepSpeedBackend, load_checkpoint, save_checkpoint
-    from helpers.instrument import count_collectives, live_tensor_bytes
+    from gradpruner_ds.diagnostics import count_collectives, live_tensor_bytes
 
     model = make_model(num_layers, lora)
     cfg = ds_config(stage, micro, gas, clip, bf16=bf16)

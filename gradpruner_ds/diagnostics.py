@@ -1,4 +1,5 @@
-"""Measure what a piece of code does: collectives it issues, live tensor memory."""
+"""Diagnostics for tests and benchmarks: which collectives a piece of code issues, how much tensor
+memory is alive, the process RSS."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ COLLECTIVES = (
 
 @contextlib.contextmanager
 def count_collectives() -> Iterator[list[tuple[str, int]]]:
-    """Record ``(name, numel of the first tensor argument)`` for every torch.distributed collective."""
+    """Record ``(name, bytes of the first tensor argument)`` for every torch.distributed collective
+    issued inside the block (patched at module level, so DeepSpeed's calls are seen too)."""
     calls: list[tuple[str, int]] = []
     saved = {}
     for name in COLLECTIVES:
@@ -49,7 +51,7 @@ def count_collectives() -> Iterator[list[tuple[str, int]]]:
                 and isinstance(args[0][0], torch.Tensor)
             ):
                 t = args[0][0]
-            calls.append((__name, int(t.numel()) if t is not None else 0))
+            calls.append((__name, int(t.numel() * t.element_size()) if t is not None else 0))
             return __fn(*args, **kwargs)
 
         setattr(dist, name, wrapper)
@@ -58,6 +60,15 @@ def count_collectives() -> Iterator[list[tuple[str, int]]]:
     finally:
         for name, fn in saved.items():
             setattr(dist, name, fn)
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc), in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def live_tensor_bytes() -> int:
