@@ -87,9 +87,17 @@ def read_state(folder: str | Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
-        raise user_error("a GradPruner checkpoint must contain state.json", str(path), "resume from a checkpoint saved with gradpruner_ds.save_checkpoint") from None
+        raise user_error(
+            "a GradPruner checkpoint must contain state.json",
+            str(path),
+            "resume from a checkpoint saved with gradpruner_ds.save_checkpoint",
+        ) from None
     except json.JSONDecodeError as exc:
-        raise user_error("a GradPruner checkpoint's state.json must be valid JSON", f"{path}: {exc}", "restore the checkpoint folder") from None
+        raise user_error(
+            "a GradPruner checkpoint's state.json must be valid JSON",
+            f"{path}: {exc}",
+            "restore the checkpoint folder",
+        ) from None
     if meta.get("schema_version") != STATE_SCHEMA_VERSION:
         raise user_error(
             f"the checkpoint's GradPruner state must have schema_version {STATE_SCHEMA_VERSION}",
@@ -130,11 +138,17 @@ def load_pruner_state(pruner: Any, folder: str | Path) -> PrunePlan | None:
         )
     path = folder / f"igia_rank{pruner.backend.rank}.safetensors"
     if not path.exists():
-        raise user_error("every rank's IGIA file must be in the checkpoint", str(path), "restore the checkpoint folder")
+        raise user_error(
+            "every rank's IGIA file must be in the checkpoint", str(path), "restore the checkpoint folder"
+        )
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for truncated files
-        raise user_error("a rank's IGIA file must be a valid safetensors file", f"{path}: {exc}", "restore the checkpoint folder") from None
+        raise user_error(
+            "a rank's IGIA file must be a valid safetensors file",
+            f"{path}: {exc}",
+            "restore the checkpoint folder",
+        ) from None
     assert pruner.acc is not None
     pruner.acc.load_state_dict(_unflatten(tensors, meta))
     return None

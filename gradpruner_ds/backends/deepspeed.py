@@ -26,7 +26,6 @@ backward closures would otherwise keep it and the dropped layers alive).
 
 from __future__ import annotations
 
-import gc
 import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -41,6 +40,7 @@ from gradpruner_ds.backends.base import Backend, MergeGroup
 from gradpruner_ds.core.igia import Key
 from gradpruner_ds.core.merge import sign_consistent_merge_
 from gradpruner_ds.core.plan import PrunePlan
+from gradpruner_ds.diagnostics import release_memory
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
 
@@ -314,7 +314,8 @@ class DeepSpeedBackend(Backend):
         _teardown(old, removed_params)
         del old, client
         self.engine = None
-        gc.collect()
+        removed_params.clear()
+        release_memory()
 
         new_client = client_cls(
             [{**h, "params": ps} for h, ps in zip(hparams, kept_groups, strict=True) if ps]

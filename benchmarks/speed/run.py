@@ -1,0 +1,275 @@
+"""Speed and memory of in-place GradPruner under DeepSpeed ZeRO, measured side by side in one run.
+
+For each ZeRO stage, on N gloo ranks (CPU) and a Llama-architecture model of >= 50M parameters:
+
+* observed step / plain step (the observation window's overhead);
+* step after the window (observe() still called, a no-op) / plain step;
+* in-place prune + re-partition + first step, vs the restart pipeline the reference code needs
+  (save a ZeRO checkpoint, consolidate it and prune offline in one process, save an HF checkpoint,
+  relaunch the ranks, load, first step);
+* post-prune step / dense step, next to the kept-parameter fraction;
+* RSS after / before the prune (and the dense x kept-fraction target);
+* collectives (count, bytes) issued by GradPruner during observation and during the prune.
+
+Usage: python benchmarks/speed/run.py --stages 1 2 3 --out docs/benchmarks/speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))  # the forked-ranks runner used by the distributed tests
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+from helpers.ranks import run_ranks  # noqa: E402
+
+
+def model_config(args: argparse.Namespace):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64,
+        max_position_embeddings=args.seq,
+        tie_word_embeddings=True,
+    )
+
+
+def batch(args: argparse.Namespace, step: int, rank: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    ids = torch.randint(0, args.vocab, (args.micro, args.seq), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+def ds_config(stage: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {
+            "stage": stage,
+            "reduce_bucket_size": 2e6,
+            "allgather_bucket_size": 2e6,
+            "stage3_prefetch_bucket_size": 2e6,
+            "stage3_param_persistence_threshold": 1e4,
+        },
+        "steps_per_print": 10**9,
+    }
+
+
+def timed_steps(engine, args, first: int, n: int, rank: int, pruner=None) -> list[float]:
+    out = []
+    for s in range(first, first + n):
+        t0 = time.perf_counter()
+        loss = engine(**batch(args, s, rank)).loss
+        engine.backward(loss)
+        if pruner is not None:
+            pruner.observe()
+        engine.step()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench_rank(rank: int, world: int, stage: int, args: argparse.Namespace, workdir: str) -> dict:
+    import deepspeed
+    from transformers import LlamaForCausalLM
+
+    from gradpruner_ds.backends.deepspeed import for_deepspeed
+    from gradpruner_ds.config import GradPrunerConfig
+    from gradpruner_ds.diagnostics import count_collectives, live_tensor_bytes, release_memory, rss_bytes
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(model_config(args))
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = ds_config(stage)
+    cfg["train_micro_batch_size_per_gpu"] = args.micro
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    n = args.steps
+    timed_steps(engine, args, 0, 1, rank)  # warm-up (lazy state, first all-gathers)
+    plain = timed_steps(engine, args, 1, n, rank)
+    block = GradPrunerConfig.from_dict(
+        {"window_steps": n, "prune_ratio": args.prune_ratio, "num_merge": 1, "progress_bar": False}
+    )
+    pruner = for_deepspeed(engine, cfg, config=block)
+    obs_calls: list[tuple[str, int]] = []
+    observe = pruner.observe
+
+    def counted_observe() -> None:  # GradPruner's own collectives only, not the engine's
+        with count_collectives() as calls:
+            observe()
+        obs_calls.extend(calls)
+
+    pruner.observe = counted_observe
+    observed = timed_steps(engine, args, 1 + n, n, rank, pruner)
+    release_memory()
+    rss_before, live_before = rss_bytes(), live_tensor_bytes()
+    # restart pipeline, part 1: the checkpoint the reference workflow would need
+    t0 = time.perf_counter()
+    engine.save_checkpoint(workdir, tag="dense")
+    t_save = time.perf_counter() - t0
+    # in-place prune + re-partition + first step
+    t0 = time.perf_counter()
+    with count_collectives() as prune_calls:
+        engine, _ = pruner.maybe_prune(engine, None)
+    t_prune = time.perf_counter() - t0
+    first = timed_steps(engine, args, 1 + 2 * n, 1, rank, pruner)[0]
+    release_memory()
+    rss_after, live_after = rss_bytes(), live_tensor_bytes()
+    post = timed_steps(engine, args, 2 + 2 * n, n, rank, pruner)
+    n_kept = (
+        sum(p.numel() for p in engine.module.parameters())
+        if stage != 3
+        else sum(int(p.ds_numel) for p in engine.module.parameters())
+    )
+    plan = pruner.plan.to_dict()
+    return {
+        "params_dense": n_params,
+        "params_kept": n_kept,
+        "plain_step_s": statistics.median(plain),
+        "observed_step_s": statistics.median(observed),
+        "post_prune_step_s": statistics.median(post),
+        "inplace_prune_s": t_prune,
+        "first_step_after_prune_s": first,
+        "save_checkpoint_s": t_save,
+        "rss_before": rss_before,
+        "rss_after": rss_after,
+        "live_tensor_bytes_before": live_before,
+        "live_tensor_bytes_after": live_after,
+        "observe_collectives": len(obs_calls),
+        "observe_bytes": sum(b for _, b in obs_calls),
+        "prune_collectives": len(prune_calls),
+        "prune_bytes": sum(b for _, b in prune_calls),
+        "removed": plan["dropped"] + plan["merged"],
+        "targets": plan["targets"],
+    }
+
+
+def offline_prune(workdir: str, args: argparse.Namespace, removed: list[int], targets: list) -> float:
+    """The reference workflow's middle part, in one process: consolidate the ZeRO checkpoint, load the
+    full model, cut the layers (merge included), write an HF checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import LlamaForCausalLM
+
+    from gradpruner_ds.surgery import remove_layers
+
+    t0 = time.perf_counter()
+    sd = get_fp32_state_dict_from_zero_checkpoint(workdir, tag="dense")
+    model = LlamaForCausalLM(model_config(args))
+    model.load_state_dict(sd, strict=False)
+    with torch.no_grad():  # the merge costs about the same offline; approximate with a masked add
+        layers = model.model.layers
+        for p, t in targets:
+            for w_t, w_p in zip(layers[t].parameters(), layers[p].parameters(), strict=True):
+                if w_t.dim() == 2:
+                    w_t.add_(torch.where(torch.sign(w_t) == torch.sign(w_p), w_p, 0.0) * 0.2)
+    remove_layers(model, removed)
+    model.save_pretrained(Path(workdir) / "pruned_hf")
+    return time.perf_counter() - t0
+
+
+def relaunch_rank(rank: int, world: int, stage: int, args: argparse.Namespace, workdir: str) -> float:
+    """The reference workflow's last part: new ranks load the pruned checkpoint and take a step."""
+    import deepspeed
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(Path(workdir) / "pruned_hf")
+    cfg = ds_config(stage)
+    cfg["train_micro_batch_size_per_gpu"] = args.micro
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4), config=cfg
+    )
+    timed_steps(engine, args, 0, 1, rank)
+    return 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--micro", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per phase (median reported)")
+    ap.add_argument("--prune_ratio", type=float, default=0.375)
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "speed.json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    import deepspeed  # noqa: F401  (import once in the parent: forked ranks share it)
+
+    results = {}
+    wall0 = time.perf_counter()
+    for stage in args.stages:
+        workdir = tempfile.mkdtemp(prefix=f"gp_speed_z{stage}_")
+        try:
+            ranks = run_ranks(bench_rank, args.world, stage, args, workdir, timeout=1800)
+            r = {
+                k: max(x[k] for x in ranks) if isinstance(ranks[0][k], float) else ranks[0][k]
+                for k in ranks[0]
+            }
+            r["rss_before"] = statistics.mean(x["rss_before"] for x in ranks)
+            r["rss_after"] = statistics.mean(x["rss_after"] for x in ranks)
+            t_offline = offline_prune(workdir, args, r["removed"], r["targets"])
+            t0 = time.perf_counter()
+            run_ranks(relaunch_rank, args.world, stage, args, workdir, timeout=1800)
+            t_relaunch = time.perf_counter() - t0
+            restart = r["save_checkpoint_s"] + t_offline + t_relaunch
+            inplace = r["inplace_prune_s"] + r["first_step_after_prune_s"]
+            kept = r["params_kept"] / r["params_dense"]
+            r.update(
+                offline_prune_s=t_offline,
+                relaunch_and_first_step_s=t_relaunch,
+                restart_pipeline_s=restart,
+                ratio_observed_over_plain=r["observed_step_s"] / r["plain_step_s"],
+                ratio_inplace_over_restart=inplace / restart,
+                ratio_post_over_dense=r["post_prune_step_s"] / r["plain_step_s"],
+                kept_param_fraction=kept,
+                ratio_rss_after_over_before=r["rss_after"] / r["rss_before"],
+                ratio_tensor_bytes_after_over_before=r["live_tensor_bytes_after"]
+                / r["live_tensor_bytes_before"],
+            )
+            results[f"zero{stage}"] = r
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    args.out.write_text(
+        json.dumps({"args": meta, "results": results, "wall_s": time.perf_counter() - wall0}, indent=2)
+    )
+    print(
+        "| stage | observed/plain step | post-prune/dense step (kept params) | in-place/restart | RSS after/before "
+        "| tensor bytes after/before | GradPruner collectives: observe (count, MB) / prune + re-partition |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(
+            f"| {name} | {r['ratio_observed_over_plain']:.3f} | {r['ratio_post_over_dense']:.3f} "
+            f"({r['kept_param_fraction']:.3f}) | {r['ratio_inplace_over_restart']:.3f} "
+            f"({r['inplace_prune_s'] + r['first_step_after_prune_s']:.1f} s vs {r['restart_pipeline_s']:.1f} s) "
+            f"| {r['ratio_rss_after_over_before']:.3f} | {r['ratio_tensor_bytes_after_over_before']:.3f} "
+            f"| {r['observe_collectives']}, {r['observe_bytes'] / 1e6:.3f} / "
+            f"{r['prune_collectives']}, {r['prune_bytes'] / 1e6:.1f} |"
+        )
+    print(f"wall time {time.perf_counter() - wall0:.0f} s; JSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
