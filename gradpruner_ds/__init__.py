@@ -21,6 +21,7 @@ _LAZY = {
     "register_arch": "gradpruner_ds.arch",
     "for_deepspeed": "gradpruner_ds.backends.deepspeed",
     "DeepSpeedBackend": "gradpruner_ds.backends.deepspeed",
+    "FSDP2Backend": "gradpruner_ds.backends.fsdp2",
     "add_argparse_args": "gradpruner_ds.args",
     "save_checkpoint": "gradpruner_ds.backends.deepspeed",
     "load_checkpoint": "gradpruner_ds.backends.deepspeed",

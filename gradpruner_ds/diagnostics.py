@@ -81,9 +81,9 @@ def live_tensor_bytes() -> int:
             if not isinstance(obj, torch.Tensor) or obj.device.type == "meta":
                 continue
             st = obj.untyped_storage()
-        except (RuntimeError, ReferenceError, NotImplementedError):
+            ptr = st.data_ptr()
+        except (RuntimeError, ReferenceError, NotImplementedError):  # freed or non-storage tensors
             continue
-        ptr = st.data_ptr()
         if ptr and ptr not in seen:
             seen.add(ptr)
             total += st.nbytes()

@@ -197,3 +197,66 @@ def deepspeed_run(
         out["old_engine_alive"] = old_ref() is not None
     out.update(losses=losses, scores=list(pruner.plan.scores), plan=pruner.plan.to_dict())
     return out
+
+
+def fsdp2_run(
+    rank: int,
+    world: int,
+    block: dict,
+    steps: int,
+    micro: int,
+    gas: int,
+    clip: float,
+    num_layers: int = 6,
+    lora: bool = False,
+    bf16: bool = False,
+    instrument: bool = False,
+) -> dict[str, Any]:
+    """The same recipe under FSDP2: fully_shard per decoder layer + root, each rank its rows."""
+    import gc
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from gradpruner_ds.backends.fsdp2 import FSDP2Backend
+    from gradpruner_ds.diagnostics import count_collectives, live_tensor_bytes
+
+    model = make_model(num_layers, lora)
+    inner = model.base_model.model if lora else model
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kw = {"mp_policy": mp} if mp is not None else {}
+    for layer in inner.model.layers:
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    pruner = GradPruner(model, GradPrunerConfig.from_dict(block), total_steps=steps, backend=FSDP2Backend(model))
+    out: dict[str, Any] = {"observe_calls": []}
+    losses = []
+    for micro_batches in global_batches(steps, world, micro, gas):
+        total = torch.zeros(1, dtype=torch.float64)
+        for b in micro_batches:
+            mine = {k: v[rank * micro : (rank + 1) * micro] for k, v in b.items()}
+            loss = model(**mine).loss / gas
+            loss.backward()
+            total += loss.item()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+        with count_collectives() as calls:
+            pruner.observe()
+        out["observe_calls"].append(calls)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if instrument and pruner.ready:
+            out["bytes_before"] = live_tensor_bytes()
+        opt, sched = pruner.maybe_prune(opt, sched)
+        if instrument and "bytes_before" in out and "bytes_after" not in out:
+            del loss
+            gc.collect()
+            out["bytes_after"] = live_tensor_bytes()
+        torch.distributed.all_reduce(total)
+        losses.append(float(total) / world)
+    assert pruner.plan is not None
+    out.update(losses=losses, scores=list(pruner.plan.scores), plan=pruner.plan.to_dict())
+    return out

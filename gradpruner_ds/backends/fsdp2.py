@@ -1,0 +1,141 @@
+"""PyTorch FSDP2 (``fully_shard``) adapter.
+
+Where things are (torch 2.13, checked by tests/dist/test_fsdp2.py):
+
+* every parameter of a ``fully_shard``-ed module is a DTensor with placement ``Shard(0)``: rank r holds
+  rows ``[r * ceil(d0 / W), ...)`` of dim 0, i.e. one contiguous flat slice of the flattened matrix.
+  Same-named sublayers of different layers have the same shape, so their shards line up and the merge
+  is shard-local, applied in place to the local shard (``to_local()`` is a view of the sharded storage).
+* after ``loss.backward()`` the gradients are reduce-scattered DTensors; ``p.grad.to_local()`` is this
+  rank's reduced shard. ``torch.nn.utils.clip_grad_norm_`` works on them (global norm), so the user
+  clips before ``observe()`` exactly as in one process.
+
+Continuing after the surgery needs no re-sharding: each decoder layer is its own FSDP unit and the kept
+parameters keep their shards, optimizer state included (the optimizer is pruned in place). Only the
+root's lazy-init bookkeeping (the list of FSDP states in its tree) is reset, so the next forward
+re-collects the kept units and the dropped ones are released.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gradpruner_ds import dist as gdist
+from gradpruner_ds.backends.base import Backend
+from gradpruner_ds.core.igia import Key, all_finite
+from gradpruner_ds.core.plan import PrunePlan
+from gradpruner_ds.diagnostics import release_memory
+from gradpruner_ds.errors import user_error
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class FSDP2Backend(Backend):
+    """GradPruner on a model sharded with ``torch.distributed.fsdp.fully_shard`` (``Shard(0)``)."""
+
+    def __init__(self, model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+        if not dist.is_initialized():
+            raise user_error(
+                "the FSDP2 backend needs an initialized process group",
+                "none",
+                "call torch.distributed.init_process_group first",
+            )
+        if not hasattr(model, "_get_fsdp_state"):
+            raise user_error(
+                "the FSDP2 backend needs the root model wrapped with fully_shard",
+                type(model).__name__,
+                "apply fully_shard to each decoder layer, then to the root model",
+            )
+        self.model = model
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    # ---- collectives ---------------------------------------------------------------------------------
+    def all_reduce_sum_(self, t: torch.Tensor) -> None:
+        gdist.all_reduce_sum_(t, self.group)
+
+    def all_true(self, flag: bool) -> bool:
+        t = torch.tensor([0 if flag else 1], dtype=torch.int64)
+        self.all_reduce_sum_(t)
+        return int(t.item()) == 0
+
+    def check_plan(self, plan: PrunePlan, timeout_s: float) -> None:
+        gdist.check_same_plan(plan, timeout_s, self.group)
+
+    def step_check(self, observed: Any) -> tuple[bool, float]:
+        return self.all_true(all_finite(observed)), 1.0
+
+    # ---- this rank's pieces ----------------------------------------------------------------------------
+    def _frag(self, p: nn.Parameter) -> tuple[int, int]:
+        """(offset, numel) of this rank's rows of ``p`` in the flattened parameter."""
+        rows = p.shape[0]
+        chunk = -(-rows // self.world_size)
+        row_start = min(self.rank * chunk, rows)
+        local = _local(p.data)
+        return row_start * (p.numel() // rows if rows else 0), local.numel()
+
+    def full_grads(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, torch.Tensor]:
+        out = {}
+        for key, p in params.items():
+            if p.grad is None:
+                raise AssertionError(
+                    f"no gradient for {key}: call observe() after backward, before zero_grad"
+                )
+            out[key] = _local(p.grad).reshape(-1)
+        return out
+
+    def lora_grads(
+        self, factors: Mapping[Key, tuple[nn.Parameter, nn.Parameter]]
+    ) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:
+        """Whole LoRA factor gradients from every rank's rows, with ONE all-reduce."""
+        flat = [t for pair in factors.values() for t in (pair[1], pair[0])]  # B, A
+        buf = torch.zeros(sum(p.numel() for p in flat), dtype=torch.float32)
+        offset = 0
+        for p in flat:
+            if p.grad is None:
+                raise AssertionError("no LoRA gradient: call observe() after backward")
+            start, numel = self._frag(p)
+            buf[offset + start : offset + start + numel] = _local(p.grad).reshape(-1).float()
+            offset += p.numel()
+        self.all_reduce_sum_(buf)
+        pieces, offset = [], 0
+        for p in flat:
+            pieces.append(buf[offset : offset + p.numel()].view(tuple(p.shape)))
+            offset += p.numel()
+        return {key: (pieces[2 * i], pieces[2 * i + 1]) for i, key in enumerate(factors)}
+
+    def local_weights(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, torch.Tensor]:
+        """Views of the local shards: in-place edits change the sharded parameters."""
+        return {k: _local(p.data).reshape(-1) for k, p in params.items()}
+
+    def global_numel(self, p: nn.Parameter) -> int:
+        return p.numel()
+
+    def lora_slices(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, tuple[int, int]] | None:
+        return {k: self._frag(p) for k, p in params.items()}
+
+    # ---- continuing after the surgery ----------------------------------------------------------------
+    def rebuild(
+        self, model: nn.Module, removed_params: list[nn.Parameter], optimizer: Any, lr_scheduler: Any
+    ) -> tuple[Any, Any]:
+        """Prune the optimizer in place (kept state carried as is) and reset the root's lazy init."""
+        optimizer, lr_scheduler = super().rebuild(model, removed_params, optimizer, lr_scheduler)
+        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPStateContext
+
+        root_state = self.model._get_fsdp_state()
+        for m in self.model.modules():
+            get_state = getattr(m, "_get_fsdp_state", None)
+            if get_state is not None:
+                get_state()._is_root = None
+        root_state._state_ctx = FSDPStateContext()
+        removed_params.clear()
+        release_memory()
+        return optimizer, lr_scheduler
