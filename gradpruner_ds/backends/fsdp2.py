@@ -130,7 +130,7 @@ class FSDP2Backend(Backend):
         optimizer, lr_scheduler = super().rebuild(model, removed_params, optimizer, lr_scheduler)
         from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPStateContext
 
-        root_state = self.model._get_fsdp_state()
+        root_state = self.model._get_fsdp_state()  # type: ignore[operator]
         for m in self.model.modules():
             get_state = getattr(m, "_get_fsdp_state", None)
             if get_state is not None:

@@ -40,8 +40,8 @@ def tool(name: str) -> str | None:
     return str(path) if path.is_file() else shutil.which(name)
 
 
-def launch(cmd: list[str], timeout: float = TIMEOUT) -> str:
-    """Run ``cmd`` in the repo root; returns its combined output; fails on a non-zero exit or timeout."""
+def launch(cmd: list[str], timeout: float = TIMEOUT, expect_rc: int = 0) -> str:
+    """Run ``cmd`` in the repo root; returns its combined output; fails on another exit code or timeout."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
                MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
     env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
@@ -53,7 +53,7 @@ def launch(cmd: list[str], timeout: float = TIMEOUT) -> str:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
         out, _ = proc.communicate()
         pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}")
-    assert proc.returncode == 0, f"exit code {proc.returncode}: {' '.join(cmd)}\n{out[-6000:]}"
+    assert proc.returncode == expect_rc, f"exit code {proc.returncode}: {' '.join(cmd)}\n{out[-6000:]}"
     return out
 
 
@@ -175,3 +175,16 @@ def test_torchrun_zero2_bf16(tmp_path, block_file):
     summary = check_run(tmp_path, log, pruned=True)  # bf16 rounding: no exact comparison with fp32
     assert summary["mode"] == "zero2" and summary["world_size"] == 2
     assert json.loads((tmp_path / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.skipif(tool("torchrun") is None, reason="torchrun not installed")
+def test_config_errors_stop_every_rank_before_training(tmp_path):
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "grad_pruner": BLOCK}))  # a typo
+    args = [str(TRAIN), *COMMON, "--output_dir", str(tmp_path / "out"), "--deepspeed", "--deepspeed_config",
+            str(ds_config), "--gradpruner"]
+    log = launch([tool("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), *args],
+                 timeout=60, expect_rc=1)
+    assert "gradpruner: the config has no 'gradpruner' block but a key that looks like a misspelling" in log
+    # a user mistake is one message per rank, not a traceback (torchrun adds its own summary, exit code 1)
+    assert f'File "{TRAIN}"' not in log and not (tmp_path / "out" / "final").exists()
