@@ -22,6 +22,7 @@ _LAZY = {
     "for_deepspeed": "gradpruner_ds.backends.deepspeed",
     "DeepSpeedBackend": "gradpruner_ds.backends.deepspeed",
     "FSDP2Backend": "gradpruner_ds.backends.fsdp2",
+    "GradPrunerCallback": "gradpruner_ds.integrations.hf_trainer",
     "add_argparse_args": "gradpruner_ds.args",
     "save_checkpoint": "gradpruner_ds.backends.deepspeed",
     "load_checkpoint": "gradpruner_ds.backends.deepspeed",
