@@ -101,6 +101,7 @@ class GradPruner:
             mode=self.mode,
             slices=self.backend.lora_slices(self.weights) if self.mode == "lora" else None,
             owns_lora_scalars=self.backend.rank == 0,
+            window=self.window,
         )
         crit = get_criterion(config.criterion)
         self.collector: ActivationCollector | None = None

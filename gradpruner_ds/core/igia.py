@@ -76,6 +76,7 @@ class IGIAAccumulator:
     mode: str  # "full" or "lora"
     slices: dict[Key, tuple[int, int]] | None = None
     owns_lora_scalars: bool = True
+    window: int | None = None  # LoRA mode: planned steps, to pick the cheaper representation per matrix
     steps: int = 0
     skipped: int = 0
     sum_sq: dict[Key, torch.Tensor] = field(default_factory=dict)
@@ -121,17 +122,38 @@ class IGIAAccumulator:
         for key, (b_grad, a_grad) in factor_grads.items():
             b32 = b_grad.detach().float().mul(scale)
             a32 = a_grad.detach().float().mul(scale)
-            self.factors.setdefault(key, []).append((b32, a32))
+            if self._keep_factors(key, b32, a32):
+                self.factors.setdefault(key, []).append((b32, a32))
+            else:  # cheaper to accumulate the product over the local slice, like full mode
+                offset, numel = self._slice_of(key, b32, a32)
+                sq = product_flat_slice(b32, a32, offset, numel).square()
+                acc = self.sum_sq.get(key)
+                self.sum_sq[key] = sq if acc is None else acc.add_(sq)
             if self.owns_lora_scalars:
                 row[self._col[key]] = lora_sq_frobenius(b32, a32).double().item()
         self.step_sq_norms.append(row)
         self.steps += 1
 
+    def _slice_of(self, key: Key, b32: torch.Tensor, a32: torch.Tensor) -> tuple[int, int]:
+        if self.slices is not None and key in self.slices:
+            return self.slices[key]
+        return 0, b32.shape[0] * a32.shape[1]
+
+    def _keep_factors(self, key: Key, b32: torch.Tensor, a32: torch.Tensor) -> bool:
+        """Store the per-step factors (r x (d_out + d_in) per step) only while that is smaller than one
+        fp32 accumulator over the local slice; else accumulate the product (fixed memory)."""
+        if key in self.factors:
+            return True
+        if key in self.sum_sq:
+            return False
+        steps = self.window if self.window is not None else 1
+        return steps * (b32.numel() + a32.numel()) < self._slice_of(key, b32, a32)[1]
+
     def igia(self, key: Key) -> torch.Tensor:
         """The local piece of ``F_W = (1/t) sum_i G_i ** 2`` for one matrix (fp32)."""
         if self.steps == 0:
             raise AssertionError("IGIA requested before any observed step")
-        if self.mode == "full":
+        if self.mode == "full" or key in self.sum_sq:
             return self.sum_sq[key] / self.steps
         offset, numel = self._slice(key)
         acc: torch.Tensor | None = None

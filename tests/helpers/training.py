@@ -178,10 +178,13 @@ def deepspeed_run(
         torch.distributed.all_reduce(total)
         if instrument and pruner.ready:
             out["bytes_before"] = live_tensor_bytes()
+            out["igia_bytes"] = sum(v.numel() * v.element_size() for v in pruner.acc.sum_sq.values())
             old_ref = weakref.ref(engine)
         engine, sched = pruner.maybe_prune(engine, sched)
         if instrument and "bytes_before" in out and "bytes_after" not in out:
             out["bytes_after"] = live_tensor_bytes()
+            if stage == 3:
+                out["partition_numel_after"] = sum(p.ds_tensor.numel() for p in engine.module.parameters())
         losses.append(float(total) / world)
         if save_every is not None and (step + 1) % save_every == 0:
             assert ckpt_dir is not None
