@@ -205,3 +205,18 @@ def reference_ds() -> list[dict]:
     if not _ds_full:
         _ds_full.extend(run_ranks(deepspeed_run, 2, BLOCK, STEPS, 3, MICRO, GAS, CLIP))
     return _ds_full
+
+
+@pytest.mark.slow
+def test_zero3_cpu_optimizer_offload_gives_the_same_plan_and_losses():
+    """ZeRO-3 with offload_optimizer (DeepSpeed CPU Adam; its op is built once, ~1-2 min) through
+    observation -> prune -> re-partition -> continue, against the same run without offload."""
+    plain = run_ranks(deepspeed_run, 2, BLOCK, STEPS, 3, MICRO, GAS, CLIP)
+    off = run_ranks(
+        deepspeed_run, 2, BLOCK, STEPS, 3, MICRO, GAS, CLIP, 6, False, False, False, None, None, False, None, True,
+        timeout=600,
+    )
+    for a, b in zip(plain, off, strict=True):
+        assert b["plan"]["dropped"] == a["plan"]["dropped"] and b["plan"]["targets"] == a["plan"]["targets"]
+        assert b["scores"] == pytest.approx(a["scores"], rel=1e-5)
+        assert b["losses"] == pytest.approx(a["losses"], abs=1e-5)

@@ -119,6 +119,7 @@ def deepspeed_run(
     save_at: int | None = None,
     resume: bool = False,
     save_every: int | None = None,
+    offload: bool = False,
 ) -> dict[str, Any]:
     """The same recipe under DeepSpeed: each rank takes its rows of every global micro-batch.
 
@@ -136,7 +137,14 @@ def deepspeed_run(
 
     model = make_model(num_layers, lora)
     cfg = ds_config(stage, micro, gas, clip, bf16=bf16)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.01)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if offload:  # ZeRO-3 optimizer offload needs DeepSpeed's CPU Adam (a one-time op build)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        opt = DeepSpeedCPUAdam(trainable, lr=LR, weight_decay=0.01, adamw_mode=True)
+    else:
+        opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, lr_scheduler=sched)
     pruner = GradPruner(
