@@ -24,6 +24,7 @@ _LAZY = {
     "FSDP2Backend": "gradpruner_ds.backends.fsdp2",
     "GradPrunerCallback": "gradpruner_ds.integrations.hf_trainer",
     "add_argparse_args": "gradpruner_ds.args",
+    "resolve_config": "gradpruner_ds.args",
     "save_checkpoint": "gradpruner_ds.backends.deepspeed",
     "load_checkpoint": "gradpruner_ds.backends.deepspeed",
 }
