@@ -9,7 +9,15 @@ from helpers.training import deepspeed_run, single_process_run
 
 pytestmark = pytest.mark.dist
 
-BLOCK = {"window_steps": 3, "num_drop": 1, "num_merge": 2, "keep_fraction": 0.3, "progress_bar": False}
+# the paper's IGIA criterion: these tests check the sharded IGIA computation against one process
+BLOCK = {
+    "window_steps": 3,
+    "num_drop": 1,
+    "num_merge": 2,
+    "keep_fraction": 0.3,
+    "criterion": "igia_sum",
+    "progress_bar": False,
+}
 STEPS, MICRO, GAS, CLIP = 9, 2, 2, 0.5
 
 _refs: dict[tuple, dict] = {}
@@ -110,8 +118,12 @@ def test_checkpoint_resume_in_window_and_after_prune(tmp_path, stage, save_at):
     scores, plan and every loss equal the uninterrupted run."""
     full = run_ranks(deepspeed_run, 2, BLOCK, STEPS, stage, MICRO, GAS, CLIP)
     ck = str(tmp_path / "ckpt")
-    first = run_ranks(deepspeed_run, 2, BLOCK, STEPS, stage, MICRO, GAS, CLIP, 6, False, False, False, ck, save_at)
-    second = run_ranks(deepspeed_run, 2, BLOCK, STEPS, stage, MICRO, GAS, CLIP, 6, False, False, False, ck, None, True)
+    first = run_ranks(
+        deepspeed_run, 2, BLOCK, STEPS, stage, MICRO, GAS, CLIP, 6, False, False, False, ck, save_at
+    )
+    second = run_ranks(
+        deepspeed_run, 2, BLOCK, STEPS, stage, MICRO, GAS, CLIP, 6, False, False, False, ck, None, True
+    )
     for a, b, c in zip(full, first, second, strict=True):
         assert b["losses"] + c["losses"] == pytest.approx(a["losses"], abs=1e-6)
         assert c["scores"] == pytest.approx(a["scores"], rel=1e-6)
@@ -146,12 +158,16 @@ def _disagree(rank: int, world: int, mode: str) -> dict:
 def test_ranks_with_different_plans_all_fail_fast():
     results = run_ranks(_disagree, 2, "plan", barrier=False, timeout=120)
     for r in results:
-        assert r["error"] is not None and r["error"].startswith("gradpruner: the ranks computed different prune plans")
+        assert r["error"] is not None and r["error"].startswith(
+            "gradpruner: the ranks computed different prune plans"
+        )
 
 
 def test_a_rank_that_never_reaches_the_plan_check_fails_within_the_timeout():
     r0, r1 = run_ranks(_disagree, 2, "absent", barrier=False, timeout=120)
-    assert r0["error"] is not None and r0["error"].startswith("gradpruner: the ranks did not all reach the plan check")
+    assert r0["error"] is not None and r0["error"].startswith(
+        "gradpruner: the ranks did not all reach the plan check"
+    )
     assert r1["error"] == "simulated stuck rank"
 
 
@@ -178,7 +194,9 @@ def _crash(rank: int, world: int, where: str, ck: str) -> dict:
             os._exit(3)
 
         DeepSpeedBackend.rebuild = rebuild
-    return deepspeed_run(rank, world, BLOCK, STEPS, 3, MICRO, GAS, CLIP, 6, False, False, False, ck, None, False, 1)
+    return deepspeed_run(
+        rank, world, BLOCK, STEPS, 3, MICRO, GAS, CLIP, 6, False, False, False, ck, None, False, 1
+    )
 
 
 @pytest.mark.parametrize("where", ["window", "prune"])
@@ -189,7 +207,9 @@ def test_a_rank_killed_mid_run_resumes_from_the_last_checkpoint(tmp_path, where)
     # both crashes happen during optimizer step 3, before its checkpoint: step 2's is the last, intact
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "global_step2"
     assert (tmp_path / "ckpt" / "global_step2" / "gradpruner" / "state.json").exists()
-    resumed = run_ranks(deepspeed_run, 2, BLOCK, STEPS, 3, MICRO, GAS, CLIP, 6, False, False, False, ck, None, True)
+    resumed = run_ranks(
+        deepspeed_run, 2, BLOCK, STEPS, 3, MICRO, GAS, CLIP, 6, False, False, False, ck, None, True
+    )
     full = reference_ds()
     for r, f in zip(resumed, full, strict=True):
         assert r["scores"] == pytest.approx(f["scores"], rel=1e-6)
@@ -213,10 +233,35 @@ def test_zero3_cpu_optimizer_offload_gives_the_same_plan_and_losses():
     observation -> prune -> re-partition -> continue, against the same run without offload."""
     plain = run_ranks(deepspeed_run, 2, BLOCK, STEPS, 3, MICRO, GAS, CLIP)
     off = run_ranks(
-        deepspeed_run, 2, BLOCK, STEPS, 3, MICRO, GAS, CLIP, 6, False, False, False, None, None, False, None, True,
+        deepspeed_run,
+        2,
+        BLOCK,
+        STEPS,
+        3,
+        MICRO,
+        GAS,
+        CLIP,
+        6,
+        False,
+        False,
+        False,
+        None,
+        None,
+        False,
+        None,
+        True,
         timeout=600,
     )
     for a, b in zip(plain, off, strict=True):
         assert b["plan"]["dropped"] == a["plan"]["dropped"] and b["plan"]["targets"] == a["plan"]["targets"]
         assert b["scores"] == pytest.approx(a["scores"], rel=1e-5)
         assert b["losses"] == pytest.approx(a["losses"], abs=1e-5)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_default_criterion_block_influence_equals_single_process(stage):
+    """The default criterion (hidden-state statistics, additive over ranks) under ZeRO."""
+    block = {k: v for k, v in BLOCK.items() if k != "criterion"}
+    ref = single_process_run(block, STEPS, 2, MICRO, GAS, CLIP)
+    assert ref["plan"]["criterion"] == "shortgpt_bi"
+    assert_matches(ref, run_ranks(deepspeed_run, 2, block, STEPS, stage, MICRO, GAS, CLIP))

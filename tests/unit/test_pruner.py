@@ -44,6 +44,7 @@ def train_step(model, opt, sched, batch, pruner=None, record=None):
 def _cfg(tmp_path, **kw):
     block = {
         "window_steps": WINDOW,
+        "criterion": "igia_sum",  # these tests check the IGIA formulas themselves
         "num_drop": 1,
         "num_merge": 2,
         "keep_fraction": 0.3,

@@ -1,0 +1,446 @@
+"""Quality harness: accuracy after pruning with each layer criterion at the same budget and re-tuning.
+
+For the real SmolLM2-135M-Instruct and any task file (BIG-bench JSON or PIQA, via ``load_task``):
+
+1. deterministic split (``split_task(seed=0)``, test capped at ``--test``);
+2. the observation WINDOW: ``--window`` full fine-tuning steps of the dense model (AdamW, constant lr,
+   fixed data order), observed by one GradPruner (IGIA, full gradients) and one ActivationCollector
+   (block spans 1 and every budget). The window is shared by every arm, so every arm starts pruning
+   from the identical model, optimizer state and statistics; it is cached in ``<out>/window.pt``;
+3. per ARM: a copy of the window state -> a GradPruner with the arm's criterion / budget / merge
+   settings whose statistics are the shared ones -> ``prune()`` (plan, merge, surgery, optimizer carried)
+   -> ``--retune`` more steps on the same batches for every arm -> test accuracy (log-likelihood,
+   ``evaluate_choices``). The dense arm does the same re-tuning without pruning;
+4. one JSON per arm in ``<out>/arms/`` (arms already there are skipped: the run is resumable), then
+   ``results.md``, ``results.json`` and ``results.png`` over all arms found.
+
+Example::
+
+    python benchmarks/quality/run.py --task ../shared/data/bigbench/intent_recognition.json \\
+        --out benchmarks/quality/out/intent --budgets 0.3 --window 4 --retune 8 --test 60
+
+Arm names: ``dense``, ``<criterion>@<budget>`` (e.g. ``igia_sum@0.3``), ``random@0.3#s1`` (seed 1),
+``<criterion>@<budget>+m<k>`` (k of the removed layers merged), ``...+m<k>-nosign`` (merge without the
+sign rule), ``...~lora`` (IGIA from the paper's LoRA probe: a peft LoRA r=8 copy trained for the same
+window on the same batches; its plan is applied to the full fine-tune).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from gradpruner_ds.activations import ActivationCollector  # noqa: E402
+from gradpruner_ds.config import GradPrunerConfig  # noqa: E402
+from gradpruner_ds.core.scoring import CRITERIA, ScoreContext, layer_scores, partial_table  # noqa: E402
+from gradpruner_ds.models import load_smollm2  # noqa: E402
+from gradpruner_ds.pruner import GradPruner  # noqa: E402
+from gradpruner_ds.tasks import build_train_dataset, collate, evaluate_choices, load_task, split_task  # noqa: E402
+
+ARM_RE = re.compile(
+    r"^(?P<crit>[a-z_]+)@(?P<budget>[0-9.]+)(?:\+m(?P<merge>\d+))?(?P<nosign>-nosign)?(?P<lora>~lora)?"
+    r"(?:#s(?P<seed>\d+))?$"
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", required=True, help="BIG-bench .json task file or PIQA folder / valid.jsonl")
+    ap.add_argument("--out", required=True, help="output folder (arms/, window.pt, results.*)")
+    ap.add_argument("--arms", default="", help="comma-separated arm names (default: the standard set)")
+    ap.add_argument("--budgets", default="0.3", help="comma-separated fractions of decoder layers removed")
+    ap.add_argument("--window", type=int, default=4, help="observed optimizer steps (shared by all arms)")
+    ap.add_argument("--retune", type=int, default=8, help="optimizer steps after the prune (every arm)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--max-length", type=int, default=160)
+    ap.add_argument("--test", type=int, default=60, help="test items (cap)")
+    ap.add_argument("--random-seeds", default="0,1,2")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lora-lr", type=float, default=1e-4, help="lr of the LoRA probe (~lora arms)")
+    ap.add_argument("--cache", default="", help="folder for window.pt (~2.5 GB; default: --out)")
+    ap.add_argument("--report-only", action="store_true", help="only rebuild the table/plot from arms/")
+    return ap.parse_args(argv)
+
+
+def default_arms(budgets: list[float], seeds: list[int]) -> list[str]:
+    arms = ["dense"]
+    for b in budgets:
+        for crit in (
+            "igia_sum",
+            "igia_norm_sum",
+            "igia_relative",
+            "obd",
+            "obd_residual",
+            "shortgpt_bi",
+            "angular",
+            "gate_fisher",
+            "reverse",
+        ):
+            arms.append(f"{crit}@{b}")
+        arms += [f"random@{b}#s{s}" for s in seeds]
+    return arms
+
+
+# ---- training ----------------------------------------------------------------------------------------
+def make_batches(tok: Any, split: Any, n: int, batch: int, max_length: int) -> list[dict[str, torch.Tensor]]:
+    """``n`` training batches in a fixed order (seeded shuffle of the train split, cycled)."""
+    ds = build_train_dataset(tok, split.train, max_length=max_length)
+    g = torch.Generator().manual_seed(1234)
+    order: list[int] = []
+    while len(order) < n * batch:
+        order += torch.randperm(len(ds), generator=g).tolist()
+    return [collate([ds[i] for i in order[k * batch : (k + 1) * batch]], tok.pad_token_id) for k in range(n)]
+
+
+def step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], pruner=None
+) -> float:
+    loss = model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if pruner is not None:
+        pruner.observe()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def new_opt(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+
+# ---- window -------------------------------------------------------------------------------------------
+def run_window(args: argparse.Namespace, model: Any, batches: list, spans: list[int]) -> dict[str, Any]:
+    """Train the window, return {model, opt, igia, act_table, act_spans, losses, diag}."""
+    cfg = GradPrunerConfig.from_dict(
+        {"window_steps": args.window, "num_drop": 1, "criterion": "igia_sum", "progress_bar": False}
+    )
+    model.train()
+    opt = new_opt(model, args.lr)
+    pruner = GradPruner(model, cfg, total_steps=args.window + args.retune)
+    collector = ActivationCollector(model, spans, gate_grads=True)
+    losses = []
+    for i in range(args.window):
+        t0 = time.perf_counter()
+        losses.append(step(model, opt, batches[i], pruner))
+        print(f"  window step {i}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    collector.remove()
+    assert pruner.acc is not None
+    diag = diagnose(model, pruner, batches[args.window % len(batches)])
+    L = pruner.num_layers
+    for crit in ("shortgpt_bi", "gate_fisher"):
+        ctx = ScoreContext(L, pruner.spec.residual_writers, budget=1, spans=collector.spans)
+        diag[crit] = layer_scores(collector.table(), pruner.keys, crit, ctx)
+    return {
+        "model": model.state_dict(),
+        "opt": opt.state_dict(),
+        "igia": pruner.acc.state_dict(),
+        "act_table": collector.table(),
+        "act_spans": list(collector.spans),
+        "losses": losses,
+        "diag": diag,
+    }
+
+
+def diagnose(model: Any, pruner: GradPruner, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Per-layer numbers behind the raw IGIA sum: gradient vs weight vs residual-stream scale."""
+    assert pruner.acc is not None
+    weights = {k: p.detach() for k, p in pruner.weights.items()}
+    table = partial_table(pruner.acc, "obd", weights)
+    wsq = torch.zeros(len(pruner.keys), dtype=torch.float64)
+    for i, k in enumerate(pruner.keys):
+        wsq[i] = weights[k].double().square().sum()
+    table[-1] = wsq
+    L = pruner.num_layers
+    ctx = ScoreContext(L, pruner.spec.residual_writers)
+    out: dict[str, Any] = {}
+    for crit in ("igia_sum", "igia_norm_sum", "igia_relative", "obd", "obd_residual"):
+        out[crit] = layer_scores(table, pruner.keys, crit, ctx)
+    steps = table[:-2]
+    per_mat = steps.sum(0) / steps.shape[0]
+    names = list(pruner.spec.linear_names)
+    out["igia_by_sublayer"] = {
+        n: [float(per_mat[i]) for i, k in enumerate(pruner.keys) if k[1] == n] for n in names
+    }
+    out["weight_sq_by_layer"] = [
+        float(sum(wsq[i] for i, k in enumerate(pruner.keys) if k[0] == j)) for j in range(L)
+    ]
+    out["igia_step0_by_layer"] = [
+        float(sum(steps[0, i] for i, k in enumerate(pruner.keys) if k[0] == j)) for j in range(L)
+    ]
+    # residual stream: |h_l| and |dL/dh_l| on one batch (h_l = input of layer l)
+    model.train()
+    res = model(**batch, output_hidden_states=True)
+    hs = res.hidden_states[:L]
+    for h in hs:
+        h.retain_grad()
+    res.loss.backward()
+    mask = batch["attention_mask"].bool()
+    out["hidden_norm"] = [float(h.detach()[mask].norm(dim=-1).mean()) for h in hs]
+    out["hidden_grad_norm"] = [float(h.grad[mask].norm(dim=-1).mean()) for h in hs]
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def lora_probe_igia(args: argparse.Namespace, base: Any, batches: list) -> dict[str, Any]:
+    """The paper's LoRA probe: peft LoRA (r 8, alpha 32, all 7 linears) trained for the window on the
+    same batches (lr ``--lora-lr``); returns the IGIA state (simulated gradients grad(B) @ grad(A))."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(
+            r=8,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
+    model.train()
+    cfg = GradPrunerConfig.from_dict(
+        {"window_steps": args.window, "num_drop": 1, "mode": "lora", "progress_bar": False}
+    )
+    pruner = GradPruner(model, cfg, total_steps=args.window + args.retune)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lora_lr)
+    for i in range(args.window):
+        step(model, opt, batches[i], pruner)
+    assert pruner.acc is not None
+    return pruner.acc.state_dict()
+
+
+# ---- arms ---------------------------------------------------------------------------------------------
+def run_arm(
+    arm: str, args: argparse.Namespace, win: dict[str, Any], base: Any, tok: Any, batches: list, test: list
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    model = copy.deepcopy(base)
+    model.load_state_dict(win["model"])
+    model.train()
+    opt = new_opt(model, args.lr)
+    opt.load_state_dict(win["opt"])
+    rec: dict[str, Any] = {"arm": arm}
+    if arm != "dense":
+        m = ARM_RE.match(arm)
+        if m is None:
+            raise SystemExit(f"bad arm name {arm!r}")
+        crit, budget = m["crit"], float(m["budget"])
+        if crit not in CRITERIA:
+            raise SystemExit(f"unknown criterion {crit!r}; registered: {sorted(CRITERIA)}")
+        n_merge = int(m["merge"] or 0)
+        cfg = GradPrunerConfig.from_dict(
+            {
+                "window_steps": args.window,
+                "prune_ratio": budget,
+                "num_merge": n_merge,
+                "criterion": crit,
+                "sign_consistent": m["nosign"] is None,
+                "progress_bar": False,
+            }
+        )
+        pruner = GradPruner(model, cfg, total_steps=args.window + args.retune, seed=int(m["seed"] or 0))
+        # the shared window's statistics (identical for every arm)
+        assert pruner.acc is not None
+        if m["lora"]:  # scores (and merge masks) from the LoRA probe's simulated gradients
+            from gradpruner_ds.core.igia import IGIAAccumulator
+
+            lora_acc = IGIAAccumulator(keys=pruner.keys, mode="lora")
+            lora_acc.load_state_dict(win["lora_igia"])
+            pruner.acc = lora_acc
+        else:
+            pruner.acc.load_state_dict(win["igia"])
+        if pruner.collector is not None:
+            pruner.collector.remove()
+            shared = ActivationCollector(model, win["act_spans"])
+            shared.remove()
+            shared._table = win["act_table"].clone()
+            pruner.collector = shared
+        pruner.steps_seen = args.window
+        opt, _ = pruner.prune(opt)
+        plan = pruner.plan
+        assert plan is not None
+        rec.update(
+            criterion=crit,
+            budget=budget,
+            num_merge=n_merge,
+            sign_consistent=m["nosign"] is None,
+            seed=int(m["seed"] or 0),
+            removed=list(plan.removed),
+            dropped=list(plan.dropped),
+            merged=list(plan.merged),
+            scores=list(plan.scores),
+            kept_layers=len(plan.kept),
+        )
+    t_prune = time.perf_counter() - t0
+    losses = []
+    for i in range(args.retune):
+        losses.append(step(model, opt, batches[args.window + i]))
+    t_train = time.perf_counter() - t0 - t_prune
+    acc = evaluate_choices(model, tok, test, batch_size=32, max_length=256)
+    rec.update(
+        accuracy=acc,
+        retune_losses=losses,
+        seconds={"prune": t_prune, "retune": t_train, "total": time.perf_counter() - t0},
+    )
+    return rec
+
+
+# ---- report -------------------------------------------------------------------------------------------
+def build_report(out: Path) -> None:
+    recs = [json.loads(p.read_text()) for p in sorted((out / "arms").glob("*.json"))]
+    if not recs:
+        return
+    dense = next((r["accuracy"] for r in recs if r["arm"] == "dense"), None)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in recs:
+        key = r["arm"].split("#")[0]
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for key, rs in groups.items():
+        accs = torch.tensor([r["accuracy"] for r in rs], dtype=torch.float64)
+        rows.append(
+            {
+                "arm": key,
+                "n": len(rs),
+                "mean": float(accs.mean()),
+                "std": float(accs.std()) if len(rs) > 1 else 0.0,
+                "min": float(accs.min()),
+                "max": float(accs.max()),
+                "removed": [r.get("removed") for r in rs],
+                "retune_loss_last3": float(
+                    torch.tensor([sum(r["retune_losses"][-3:]) / 3 for r in rs]).mean()
+                ),
+                "delta_vs_dense": float(accs.mean()) - dense if dense is not None else None,
+            }
+        )
+    rows.sort(key=lambda r: -r["mean"])
+    (out / "results.json").write_text(json.dumps({"rows": rows, "arms": recs}, indent=1))
+    lines = [
+        "| arm | n | accuracy mean | spread (std / min-max) | vs dense | re-tune loss (last 3 steps) | removed layers |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        spread = f"{r['std']:.3f} / {r['min']:.3f}-{r['max']:.3f}" if r["n"] > 1 else "-"
+        delta = f"{100 * r['delta_vs_dense']:+.1f} pt" if r["delta_vs_dense"] is not None else ""
+        removed = "; ".join(str(x) for x in r["removed"]) if r["arm"] != "dense" else "-"
+        lines.append(
+            f"| {r['arm']} | {r['n']} | {r['mean']:.3f} | {spread} | {delta} | {r['retune_loss_last3']:.2f} "
+            f"| {removed} |"
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+        names = [r["arm"] for r in rows][::-1]
+        means = [r["mean"] for r in rows][::-1]
+        errs = [r["std"] for r in rows][::-1]
+        ax.barh(names, means, xerr=errs, color="tab:blue")
+        if dense is not None:
+            ax.axvline(dense, color="k", ls="--", label="dense")
+            ax.legend()
+        ax.set_xlabel("test accuracy")
+        ax.set_title(out.name)
+        fig.tight_layout()
+        fig.savefig(out / "results.png", dpi=110)
+    except ImportError:
+        print("matplotlib missing: no plot")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out)
+    (out / "arms").mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        build_report(out)
+        return
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    t_all = time.perf_counter()
+    budgets = [float(b) for b in args.budgets.split(",")]
+    seeds = [int(s) for s in args.random_seeds.split(",")]
+    arms = [a for a in args.arms.split(",") if a] or default_arms(budgets, seeds)
+    todo = [a for a in arms if not (out / "arms" / f"{a}.json").exists()]
+    print(f"arms: {len(arms)} ({len(arms) - len(todo)} already done)", flush=True)
+    if not todo:
+        build_report(out)
+        return
+    base, tok = load_smollm2()
+    split = split_task(load_task(args.task), seed=0, max_test=args.test)
+    batches = make_batches(tok, split, args.window + args.retune, args.batch, args.max_length)
+    L = base.config.num_hidden_layers
+    spans = sorted({1} | {round(b * L) for b in budgets})
+    wpath = (Path(args.cache) if args.cache else out) / "window.pt"
+    wpath.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "window": args.window,
+        "batch": args.batch,
+        "lr": args.lr,
+        "max_length": args.max_length,
+        "spans": spans,
+        "task": str(args.task),
+        "gate_grads": True,
+    }
+    win = None
+    if wpath.exists():
+        win = torch.load(wpath, weights_only=False)
+        if win.get("meta") != meta:
+            print("window cache was made with other settings: recomputing", flush=True)
+            win = None
+    if win is None:
+        t0 = time.perf_counter()
+        model = copy.deepcopy(base)
+        win = run_window(args, model, batches, spans)
+        win["meta"] = meta
+        win["seconds"] = time.perf_counter() - t0
+        del model
+        torch.save(win, wpath)
+        (out / "diagnosis.json").write_text(json.dumps({"losses": win["losses"], **win["diag"]}, indent=1))
+        print(f"window: {win['seconds']:.1f}s", flush=True)
+    if any("~lora" in a for a in todo) and "lora_igia" not in win:
+        t0 = time.perf_counter()
+        win["lora_igia"] = lora_probe_igia(args, base, batches)
+        print(f"LoRA probe window: {time.perf_counter() - t0:.1f}s", flush=True)
+        torch.save(win, wpath)
+    (out / "setup.json").write_text(
+        json.dumps(
+            {
+                **meta,
+                "retune": args.retune,
+                "test": len(split.test),
+                "train": len(split.train),
+                "num_layers": L,
+            },
+            indent=1,
+        )
+    )
+    for arm in todo:
+        rec = run_arm(arm, args, win, base, tok, batches, split.test)
+        (out / "arms" / f"{arm}.json").write_text(json.dumps(rec, indent=1))
+        print(
+            f"{arm}: acc {rec['accuracy']:.3f} removed {rec.get('removed', '-')} "
+            f"({rec['seconds']['total']:.0f}s)",
+            flush=True,
+        )
+    build_report(out)
+    print(f"wall time {time.perf_counter() - t_all:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
