@@ -24,19 +24,45 @@ def _env() -> dict[str, str]:
 def test_two_torchrun_nodes_on_loopback_prune_in_place(tmp_path):
     port = str(free_port())
     common = [
-        "--nnodes", "2", "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
-        str(ROOT / "launch" / "train.py"), "--tiny", "--max_steps", "6", "--batch_size", "4",
-        "--micro_batch_size", "2", "--eval_size", "0", "--no_save", "--deepspeed",
-        "--deepspeed_config", str(ROOT / "configs" / "zero3.json"), "--gradpruner",
-        "--output_dir", str(tmp_path / "out"),
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        port,
+        str(ROOT / "launch" / "train.py"),
+        "--tiny",
+        "--max_steps",
+        "6",
+        "--batch_size",
+        "4",
+        "--micro_batch_size",
+        "2",
+        "--eval_size",
+        "0",
+        "--no_save",
+        "--deepspeed",
+        "--deepspeed_config",
+        str(ROOT / "configs" / "zero3.json"),
+        "--gradpruner",
+        "--output_dir",
+        str(tmp_path / "out"),
     ]
     gp = tmp_path / "gp.json"
     gp.write_text(json.dumps({"window_steps": 2, "num_drop": 2, "num_merge": 1, "progress_bar": False}))
     common += ["--gradpruner_config", str(gp)]
     torchrun = [sys.executable, "-m", "torch.distributed.run"]
     procs = [
-        subprocess.Popen(torchrun + ["--node_rank", str(i)] + common, cwd=ROOT, env=_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            torchrun + ["--node_rank", str(i)] + common,
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(2)
     ]
     outs = []
@@ -57,19 +83,96 @@ def test_slurm_script_renders_the_expected_torchrun_command(tmp_path):
     stubs = tmp_path / "bin"
     stubs.mkdir()
     (stubs / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-node-07\\ngpu-node-08\\n'\n")
-    (stubs / "srun").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path}/srun_args\nenv > {tmp_path}/srun_env\n")
+    (stubs / "srun").write_text(
+        f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path}/srun_args\nenv > {tmp_path}/srun_env\n"
+    )
     for f in stubs.iterdir():
         f.chmod(0o755)
-    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-node-[07-08]",
-               SLURM_NNODES="2", SLURM_JOB_ID="4242", CONFIG="configs/llama3.1-70b_zero3_8nodes.json")
-    subprocess.run(["bash", str(ROOT / "launch" / "cluster" / "slurm_gradpruner.sbatch")], cwd=ROOT, env=env,
-                   check=True, timeout=30)
+    env = dict(
+        os.environ,
+        PATH=f"{stubs}:{os.environ['PATH']}",
+        SLURM_JOB_NODELIST="gpu-node-[07-08]",
+        SLURM_NNODES="2",
+        SLURM_JOB_ID="4242",
+        CONFIG="configs/llama3.1-70b_zero3_8nodes.json",
+    )
+    subprocess.run(
+        ["bash", str(ROOT / "launch" / "cluster" / "slurm_gradpruner.sbatch")],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=30,
+    )
     args = (tmp_path / "srun_args").read_text().split("\n")
     assert args[:2] == ["--kill-on-bad-exit=1", "torchrun"]
     cmd = " ".join(args)
     assert "--nnodes 2 --nproc_per_node 8" in cmd
     assert "--rdzv_endpoint gpu-node-07:29500" in cmd and "--rdzv_id 4242" in cmd
-    assert "launch/train.py --deepspeed --deepspeed_config configs/llama3.1-70b_zero3_8nodes.json --gradpruner" in cmd
+    assert (
+        "launch/train.py --deepspeed --deepspeed_config configs/llama3.1-70b_zero3_8nodes.json --gradpruner"
+        in cmd
+    )
     srun_env = (tmp_path / "srun_env").read_text()
     assert "MASTER_ADDR=gpu-node-07" in srun_env and "NCCL_IB_HCA=mlx5" in srun_env
     assert (ROOT / "configs" / "llama3.1-70b_zero3_8nodes.json").exists()
+
+
+def test_deepspeed_launcher_hostfile_two_nodes_on_loopback(tmp_path):
+    """The DeepSpeed launcher with a two-entry hostfile, one launcher per 'node' (--no_ssh --node_rank)."""
+    (tmp_path / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
+    gp = tmp_path / "gp.json"
+    gp.write_text(json.dumps({"window_steps": 2, "num_drop": 2, "num_merge": 1, "progress_bar": False}))
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "deepspeed"),
+                "--hostfile",
+                str(tmp_path / "hostfile"),
+                "--no_ssh",
+                "--node_rank",
+                str(i),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                str(ROOT / "launch" / "train.py"),
+                "--tiny",
+                "--max_steps",
+                "6",
+                "--batch_size",
+                "4",
+                "--micro_batch_size",
+                "2",
+                "--eval_size",
+                "0",
+                "--no_save",
+                "--deepspeed",
+                "--deepspeed_config",
+                str(ROOT / "configs" / "zero1.json"),
+                "--gradpruner",
+                "--gradpruner_config",
+                str(gp),
+                "--output_dir",
+                str(tmp_path / "out"),
+            ],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    report = json.loads((tmp_path / "out" / "gradpruner_report.json").read_text())
+    assert len(report["plan"]["dropped"]) == 2 and len(report["plan"]["merged"]) == 1
