@@ -35,11 +35,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradpruner_ds import dist as gdist
-from gradpruner_ds.backends.base import Backend, MergeGroup
+from gradpruner_ds.backends.base import MergeGroup
+from gradpruner_ds.backends.sharded import ShardedBackend
 from gradpruner_ds.core.igia import Key
 from gradpruner_ds.core.merge import sign_consistent_merge_
-from gradpruner_ds.core.plan import PrunePlan
 from gradpruner_ds.diagnostics import release_memory
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
@@ -56,7 +55,7 @@ def skip_cpu_shm_comm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
 
 
-class DeepSpeedBackend(Backend):
+class DeepSpeedBackend(ShardedBackend):
     """GradPruner on a ``deepspeed.DeepSpeedEngine`` with ZeRO stage 1, 2 or 3."""
 
     def __init__(self, engine: Any, ds_config: Mapping[str, Any]) -> None:
@@ -78,18 +77,6 @@ class DeepSpeedBackend(Backend):
     def at_boundary(self) -> bool:
         """Gradients are complete (reduced) only at a gradient-accumulation boundary."""
         return bool(self.engine.is_gradient_accumulation_boundary())
-
-    # ---- collectives -----------------------------------------------------------------------------
-    def all_reduce_sum_(self, t: torch.Tensor) -> None:
-        gdist.all_reduce_sum_(t, self.group)
-
-    def all_true(self, flag: bool) -> bool:
-        t = torch.tensor([0 if flag else 1], dtype=torch.int64)
-        self.all_reduce_sum_(t)
-        return int(t.item()) == 0
-
-    def check_plan(self, plan: PrunePlan, timeout_s: float) -> None:
-        gdist.check_same_plan(plan, timeout_s, self.group)
 
     # ---- this rank's pieces -------------------------------------------------------------------------
     def _z3_valid(self, p: nn.Parameter) -> int:
@@ -154,30 +141,6 @@ class DeepSpeedBackend(Backend):
 
     def full_grads(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, torch.Tensor]:
         return {k: self._local_grad(p) for k, p in params.items()}
-
-    def lora_grads(
-        self, factors: Mapping[Key, tuple[nn.Parameter, nn.Parameter]]
-    ) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:
-        """Whole LoRA factor gradients, assembled from every rank's piece by ONE all-reduce."""
-        flat: list[nn.Parameter] = [t for pair in factors.values() for t in (pair[1], pair[0])]  # B, A
-        numels = [self.global_numel(p) for p in flat]
-        buf = torch.zeros(sum(numels), dtype=torch.float32)
-        offset = 0
-        for p, n in zip(flat, numels, strict=True):
-            start, numel = self._frag(p)
-            if numel:
-                buf[offset + start : offset + start + numel] = self._local_grad(p).float()
-            offset += n
-        self.all_reduce_sum_(buf)
-        out: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
-        offset = 0
-        pieces = []
-        for p, n in zip(flat, numels, strict=True):
-            pieces.append(buf[offset : offset + n].view(self._shape(p)))
-            offset += n
-        for i, key in enumerate(factors):
-            out[key] = (pieces[2 * i], pieces[2 * i + 1])
-        return out
 
     def _shape(self, p: nn.Parameter) -> torch.Size:
         return p.ds_shape if self.stage == 3 else p.shape

@@ -25,10 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradpruner_ds import dist as gdist
-from gradpruner_ds.backends.base import Backend
+from gradpruner_ds.backends.sharded import ShardedBackend
 from gradpruner_ds.core.igia import Key, all_finite
-from gradpruner_ds.core.plan import PrunePlan
 from gradpruner_ds.diagnostics import release_memory
 from gradpruner_ds.errors import user_error
 
@@ -37,7 +35,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-class FSDP2Backend(Backend):
+class FSDP2Backend(ShardedBackend):
     """GradPruner on a model sharded with ``torch.distributed.fsdp.fully_shard`` (``Shard(0)``)."""
 
     def __init__(self, model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
@@ -57,18 +55,6 @@ class FSDP2Backend(Backend):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-
-    # ---- collectives ---------------------------------------------------------------------------------
-    def all_reduce_sum_(self, t: torch.Tensor) -> None:
-        gdist.all_reduce_sum_(t, self.group)
-
-    def all_true(self, flag: bool) -> bool:
-        t = torch.tensor([0 if flag else 1], dtype=torch.int64)
-        self.all_reduce_sum_(t)
-        return int(t.item()) == 0
-
-    def check_plan(self, plan: PrunePlan, timeout_s: float) -> None:
-        gdist.check_same_plan(plan, timeout_s, self.group)
 
     def step_check(self, observed: Any) -> tuple[bool, float]:
         return self.all_true(all_finite(observed)), 1.0
@@ -92,25 +78,13 @@ class FSDP2Backend(Backend):
             out[key] = _local(p.grad).reshape(-1)
         return out
 
-    def lora_grads(
-        self, factors: Mapping[Key, tuple[nn.Parameter, nn.Parameter]]
-    ) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:
-        """Whole LoRA factor gradients from every rank's rows, with ONE all-reduce."""
-        flat = [t for pair in factors.values() for t in (pair[1], pair[0])]  # B, A
-        buf = torch.zeros(sum(p.numel() for p in flat), dtype=torch.float32)
-        offset = 0
-        for p in flat:
-            if p.grad is None:
-                raise AssertionError("no LoRA gradient: call observe() after backward")
-            start, numel = self._frag(p)
-            buf[offset + start : offset + start + numel] = _local(p.grad).reshape(-1).float()
-            offset += p.numel()
-        self.all_reduce_sum_(buf)
-        pieces, offset = [], 0
-        for p in flat:
-            pieces.append(buf[offset : offset + p.numel()].view(tuple(p.shape)))
-            offset += p.numel()
-        return {key: (pieces[2 * i], pieces[2 * i + 1]) for i, key in enumerate(factors)}
+    def _local_grad(self, p: nn.Parameter) -> torch.Tensor:
+        if p.grad is None:
+            raise AssertionError("no gradient: call observe() after backward, before zero_grad")
+        return _local(p.grad)
+
+    def _shape(self, p: nn.Parameter) -> tuple[int, ...]:
+        return tuple(p.shape)
 
     def local_weights(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, torch.Tensor]:
         """Views of the local shards: in-place edits change the sharded parameters."""

@@ -21,49 +21,20 @@ def _env() -> dict[str, str]:
     return env
 
 
-def test_two_torchrun_nodes_on_loopback_prune_in_place(tmp_path):
-    port = str(free_port())
-    common = [
-        "--nnodes",
-        "2",
-        "--nproc_per_node",
-        "1",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        port,
-        str(ROOT / "launch" / "train.py"),
-        "--tiny",
-        "--max_steps",
-        "6",
-        "--batch_size",
-        "4",
-        "--micro_batch_size",
-        "2",
-        "--eval_size",
-        "0",
-        "--no_save",
-        "--deepspeed",
-        "--deepspeed_config",
-        str(ROOT / "configs" / "zero3.json"),
-        "--gradpruner",
-        "--output_dir",
-        str(tmp_path / "out"),
-    ]
+def _tiny_training(tmp_path: Path, ds_config: str) -> list[str]:
+    """launch/train.py on the tiny model with a small GradPruner block, writing into tmp_path/out."""
     gp = tmp_path / "gp.json"
     gp.write_text(json.dumps({"window_steps": 2, "num_drop": 2, "num_merge": 1, "progress_bar": False}))
-    common += ["--gradpruner_config", str(gp)]
-    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    args = "--tiny --max_steps 6 --batch_size 4 --micro_batch_size 2 --eval_size 0 --no_save --deepspeed"
+    return [str(ROOT / "launch" / "train.py"), *args.split(), "--deepspeed_config", str(ROOT / "configs" / ds_config),
+            "--gradpruner", "--gradpruner_config", str(gp), "--output_dir", str(tmp_path / "out")]
+
+
+def _run_nodes(cmds: list[list[str]], cwd: Path, out: Path) -> None:
+    """One process per simulated node, all time-boxed; all must succeed and the plan must be written."""
     procs = [
-        subprocess.Popen(
-            torchrun + ["--node_rank", str(i)] + common,
-            cwd=ROOT,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
+        subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for cmd in cmds
     ]
     outs = []
     try:
@@ -73,10 +44,26 @@ def test_two_torchrun_nodes_on_loopback_prune_in_place(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out[-3000:]
-    report = json.loads((tmp_path / "out" / "gradpruner_report.json").read_text())
+    for p, text in zip(procs, outs, strict=True):
+        assert p.returncode == 0, text[-3000:]
+    report = json.loads((out / "gradpruner_report.json").read_text())
     assert len(report["plan"]["dropped"]) == 2 and len(report["plan"]["merged"]) == 1
+
+
+def test_two_torchrun_nodes_on_loopback_prune_in_place(tmp_path):
+    rdzv = ["--nnodes", "2", "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", *rdzv]
+    script = _tiny_training(tmp_path, "zero3.json")
+    _run_nodes([torchrun + ["--node_rank", str(i)] + script for i in range(2)], ROOT, tmp_path / "out")
+
+
+def test_deepspeed_launcher_hostfile_two_nodes_on_loopback(tmp_path):
+    """The DeepSpeed launcher with a two-entry hostfile, one launcher per 'node' (--no_ssh --node_rank)."""
+    (tmp_path / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(tmp_path / "hostfile"), "--no_ssh",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    script = _tiny_training(tmp_path, "zero1.json")
+    _run_nodes([launcher + ["--node_rank", str(i)] + script for i in range(2)], tmp_path, tmp_path / "out")
 
 
 def test_slurm_script_renders_the_expected_torchrun_command(tmp_path):
@@ -115,64 +102,3 @@ def test_slurm_script_renders_the_expected_torchrun_command(tmp_path):
     srun_env = (tmp_path / "srun_env").read_text()
     assert "MASTER_ADDR=gpu-node-07" in srun_env and "NCCL_IB_HCA=mlx5" in srun_env
     assert (ROOT / "configs" / "llama3.1-70b_zero3_8nodes.json").exists()
-
-
-def test_deepspeed_launcher_hostfile_two_nodes_on_loopback(tmp_path):
-    """The DeepSpeed launcher with a two-entry hostfile, one launcher per 'node' (--no_ssh --node_rank)."""
-    (tmp_path / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
-    gp = tmp_path / "gp.json"
-    gp.write_text(json.dumps({"window_steps": 2, "num_drop": 2, "num_merge": 1, "progress_bar": False}))
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "deepspeed"),
-                "--hostfile",
-                str(tmp_path / "hostfile"),
-                "--no_ssh",
-                "--node_rank",
-                str(i),
-                "--master_addr",
-                "127.0.0.1",
-                "--master_port",
-                port,
-                str(ROOT / "launch" / "train.py"),
-                "--tiny",
-                "--max_steps",
-                "6",
-                "--batch_size",
-                "4",
-                "--micro_batch_size",
-                "2",
-                "--eval_size",
-                "0",
-                "--no_save",
-                "--deepspeed",
-                "--deepspeed_config",
-                str(ROOT / "configs" / "zero1.json"),
-                "--gradpruner",
-                "--gradpruner_config",
-                str(gp),
-                "--output_dir",
-                str(tmp_path / "out"),
-            ],
-            cwd=tmp_path,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outs, strict=True):
-        assert p.returncode == 0, out[-3000:]
-    report = json.loads((tmp_path / "out" / "gradpruner_report.json").read_text())
-    assert len(report["plan"]["dropped"]) == 2 and len(report["plan"]["merged"]) == 1
