@@ -58,9 +58,13 @@ def read_block_file(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise user_error("the --gradpruner_config file must exist", str(p), "pass a valid path") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise user_error(f"cannot read the --gradpruner_config file ({exc})", str(p), "pass a readable file") from None
+        raise user_error(
+            f"cannot read the --gradpruner_config file ({exc})", str(p), "pass a readable file"
+        ) from None
     except json.JSONDecodeError as exc:
-        raise user_error("the --gradpruner_config file must be valid JSON", f"{p}: {exc}", "fix the JSON") from None
+        raise user_error(
+            "the --gradpruner_config file must be valid JSON", f"{p}: {exc}", "fix the JSON"
+        ) from None
     if not isinstance(data, dict):
         raise user_error(
             "the --gradpruner_config file must hold a JSON object (the gradpruner block)",
@@ -94,7 +98,9 @@ def resolve_config(args: argparse.Namespace, ds_config: Mapping[str, Any] | None
         load_config(ds, required=False)  # validates a present block and catches a misspelled one
         return None
     if block_path is not None:
-        if BLOCK_NAME not in ds:  # the overridden block itself is not used; a misspelled one is still an error
+        if (
+            BLOCK_NAME not in ds
+        ):  # the overridden block itself is not used; a misspelled one is still an error
             load_config(ds, required=False)
         return GradPrunerConfig.from_dict(read_block_file(block_path))
     cfg = load_config(ds, required=True)
