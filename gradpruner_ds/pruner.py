@@ -226,6 +226,13 @@ class GradPruner:
                 f"{self.acc.skipped} of {self.steps_seen} steps non-finite",
                 "lower the learning rate / fix the loss scale, or lengthen window_steps",
             )
+        if self.acc.skipped and self.acc.steps < (self.steps_seen + 1) // 2:
+            log.warning(
+                "only %d of %d observed steps had finite gradients: the scores rest on few steps "
+                "(lengthen window_steps, or check the loss scale / learning rate)",
+                self.acc.steps,
+                self.steps_seen,
+            )
         scores = self.compute_scores()
         plan = make_plan(
             scores,

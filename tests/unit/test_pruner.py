@@ -267,3 +267,25 @@ def test_bad_model_and_mode_errors(tmp_path):
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="^gradpruner: mode 'full' reads the true gradients"):
         GradPruner(model, _cfg(tmp_path, num_merge=0), total_steps=STEPS)
+
+
+def test_few_valid_steps_warn(tmp_path, caplog):
+    import logging
+
+    model = tiny_llama(4)
+    opt, sched = make_opt(model)
+    pruner = GradPruner(model, _cfg(tmp_path, num_merge=0, output_dir=None), total_steps=STEPS)
+    logging.getLogger("gradpruner_ds").propagate = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="gradpruner_ds"):
+            for i, batch in enumerate(batches(WINDOW)):
+                model(**batch).loss.backward()
+                if i < 2:
+                    model.model.layers[1].mlp.up_proj.weight.grad[0, 0] = float("inf")
+                pruner.observe()
+                opt.zero_grad()
+            pruner.maybe_prune(opt, sched)
+    finally:
+        logging.getLogger("gradpruner_ds").propagate = False
+    assert pruner.plan.observed_steps == 1 and pruner.plan.skipped_steps == 2
+    assert any("only 1 of 3 observed steps had finite gradients" in r.getMessage() for r in caplog.records)
