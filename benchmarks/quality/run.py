@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     win = None
     if wpath.exists():
-        win = torch.load(wpath, weights_only=False)
+        win = torch.load(wpath, weights_only=True)  # tensors, dicts and numbers only
         if win.get("meta") != meta:
             print("window cache was made with other settings: recomputing", flush=True)
             win = None
