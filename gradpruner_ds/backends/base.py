@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -125,6 +125,3 @@ def prune_torch_optimizer_(optimizer: torch.optim.Optimizer, removed_params: lis
         group["params"] = [p for p in group["params"] if id(p) not in gone]
     for p in removed_params:
         optimizer.state.pop(p, None)
-
-
-Reducer = Callable[[torch.Tensor], None]

@@ -68,8 +68,6 @@ class DeepSpeedBackend(ShardedBackend):
                 self.stage,
                 'set "zero_optimization": {"stage": 1|2|3} in the DeepSpeed config',
             )
-        if self.stage == 3 and getattr(engine.optimizer, "offload_param", False):
-            pass  # parameter offload keeps ds_tensor on CPU: the same accessors still apply
         self.group = engine.optimizer.dp_process_group
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
@@ -220,19 +218,12 @@ class DeepSpeedBackend(ShardedBackend):
                 full_mask[start : start + numel] = mask_piece.to(torch.uint8)
                 self.all_reduce_sum_(full_mask)
                 pairs.append((self._full_fp32(sp), full_mask.view(sp.shape).bool()))
-            orig = target.clone()
-            sign_consistent_merge_(target, pairs, sign_rule)
+            added = sign_consistent_merge_(target, pairs, sign_rule)
             t_start, t_numel = self._frag(tp)
-            changed = (target != orig).reshape(-1)[t_start : t_start + t_numel]
-            for (skey, mask_piece), (w_p, m_p) in zip(sources, pairs, strict=True):
-                # count only inside this rank's fragment of the target so the ranks' counts add up
-                sel = m_p.reshape(-1)[t_start : t_start + t_numel]
-                if sign_rule:
-                    o = orig.reshape(-1)[t_start : t_start + t_numel]
-                    w = w_p.reshape(-1)[t_start : t_start + t_numel]
-                    sel = sel & (((o > 0) & (w > 0)) | ((o < 0) & (w < 0)))
-                counts[skey] = (int(mask_piece.sum()), int(sel.sum()))
-            del changed
+            for (skey, mask_piece), n_added in zip(sources, added, strict=True):
+                # mask pieces are disjoint over ranks; the whole-matrix merge ran on every rank, so only
+                # rank 0 reports its count, and the all-reduced counts equal the global ones
+                counts[skey] = (int(mask_piece.sum()), n_added if self.rank == 0 else 0)
             hm = getattr(tp, "_hp_mapping", None)
             if hm is not None:
                 hm.get_hp_fragment().data.reshape(-1).copy_(target.reshape(-1)[t_start : t_start + t_numel])
@@ -422,13 +413,6 @@ def load_checkpoint(
         engine, lr_scheduler = pruner.replay(plan, engine, lr_scheduler)
     _, client_state = engine.load_checkpoint(load_dir, tag=tag)
     return engine, lr_scheduler, client_state or {}
-
-
-def optimizer_client(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer behind an engine / ZeRO wrapper / plain optimizer."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # engine -> ZeRO optimizer
-    inner = getattr(inner, "optimizer", inner)  # ZeRO optimizer -> torch optimizer
-    return inner
 
 
 def _adam_step(client: torch.optim.Optimizer) -> Any:

@@ -135,6 +135,7 @@ class IGIAAccumulator:
         self.steps += 1
 
     def _slice_of(self, key: Key, b32: torch.Tensor, a32: torch.Tensor) -> tuple[int, int]:
+        """(offset, numel) of the local flat slice of ``key``'s base weight (whole matrix if unsharded)."""
         if self.slices is not None and key in self.slices:
             return self.slices[key]
         return 0, b32.shape[0] * a32.shape[1]
@@ -155,19 +156,13 @@ class IGIAAccumulator:
             raise AssertionError("IGIA requested before any observed step")
         if self.mode == "full" or key in self.sum_sq:
             return self.sum_sq[key] / self.steps
-        offset, numel = self._slice(key)
+        offset, numel = self._slice_of(key, *self.factors[key][0])
         acc: torch.Tensor | None = None
         for b32, a32 in self.factors[key]:
             g = product_flat_slice(b32, a32, offset, numel)
             acc = g.square() if acc is None else acc.add_(g.square())
         assert acc is not None
         return acc / self.steps
-
-    def _slice(self, key: Key) -> tuple[int, int]:
-        if self.slices is not None and key in self.slices:
-            return self.slices[key]
-        b32, a32 = self.factors[key][0]
-        return 0, b32.shape[0] * a32.shape[1]
 
     def sq_norm_table(self) -> torch.Tensor:
         """Per-step partial ``||G_i||_F^2`` per matrix: float64 [steps, len(keys)] (adds up over shards)."""

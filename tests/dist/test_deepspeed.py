@@ -38,6 +38,8 @@ def assert_matches(ref: dict, results: list[dict]) -> None:
         after = r["losses"][BLOCK["window_steps"] :]
         assert len(after) >= 5
         assert r["losses"] == pytest.approx(ref["losses"], abs=1e-5)
+        # merge statistics (global mask and merged densities) are the single-process ones
+        assert r["merge"] == ref["merge"]
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -81,7 +81,12 @@ def single_process_run(
         opt, sched = pruner.maybe_prune(opt, sched)
         losses.append(total)
     assert pruner.plan is not None
-    return {"losses": losses, "scores": list(pruner.plan.scores), "plan": pruner.plan.to_dict()}
+    return {
+        "losses": losses,
+        "scores": list(pruner.plan.scores),
+        "plan": pruner.plan.to_dict(),
+        "merge": pruner.report["merge"],
+    }
 
 
 def make_model(num_layers: int, lora: bool):
@@ -206,7 +211,12 @@ def deepspeed_run(
         del loss
         gc.collect()
         out["old_engine_alive"] = old_ref() is not None
-    out.update(losses=losses, scores=list(pruner.plan.scores), plan=pruner.plan.to_dict())
+    out.update(
+        losses=losses,
+        scores=list(pruner.plan.scores),
+        plan=pruner.plan.to_dict(),
+        merge=pruner.report["merge"],
+    )
     return out
 
 
@@ -241,7 +251,9 @@ def fsdp2_run(
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    pruner = GradPruner(model, GradPrunerConfig.from_dict(block), total_steps=steps, backend=FSDP2Backend(model))
+    pruner = GradPruner(
+        model, GradPrunerConfig.from_dict(block), total_steps=steps, backend=FSDP2Backend(model)
+    )
     out: dict[str, Any] = {"observe_calls": []}
     losses = []
     for micro_batches in global_batches(steps, world, micro, gas):
@@ -269,5 +281,10 @@ def fsdp2_run(
         torch.distributed.all_reduce(total)
         losses.append(float(total) / world)
     assert pruner.plan is not None
-    out.update(losses=losses, scores=list(pruner.plan.scores), plan=pruner.plan.to_dict())
+    out.update(
+        losses=losses,
+        scores=list(pruner.plan.scores),
+        plan=pruner.plan.to_dict(),
+        merge=pruner.report["merge"],
+    )
     return out
