@@ -215,7 +215,7 @@ def deepspeed_run(
         losses=losses,
         scores=list(pruner.plan.scores),
         plan=pruner.plan.to_dict(),
-        merge=pruner.report["merge"],
+        merge=pruner.report["merge"] if pruner.report else None,  # None: resumed after the prune
     )
     return out
 
@@ -285,6 +285,6 @@ def fsdp2_run(
         losses=losses,
         scores=list(pruner.plan.scores),
         plan=pruner.plan.to_dict(),
-        merge=pruner.report["merge"],
+        merge=pruner.report["merge"] if pruner.report else None,  # None: resumed after the prune
     )
     return out
