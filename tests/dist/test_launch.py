@@ -10,51 +10,22 @@ of layers; a distributed run's plan must equal the single-process run's plan (sa
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.procs import ROOT, launch, tool
 from helpers.ranks import free_port
 
 pytestmark = pytest.mark.dist
 
-ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "launch" / "train.py"
-BIN = Path(sys.executable).parent
 LAYERS, REMOVED = 8, 3
 BLOCK = {"window_steps": 3, "num_drop": 2, "num_merge": 1, "keep_fraction": 0.3, "progress_bar": False}
 # global batch 4 of single items: every world size computes the same global-batch gradient
 COMMON = ["--tiny", "--tiny_layers", str(LAYERS), "--max_steps", "8", "--batch_size", "4", "--micro_batch_size", "1",
           "--lr", "1e-3", "--eval_size", "0", "--seed", "0"]
-TIMEOUT = 150.0
-
-
-def tool(name: str) -> str | None:
-    """An executable from this interpreter's environment (the venv), else from PATH."""
-    path = BIN / name
-    return str(path) if path.is_file() else shutil.which(name)
-
-
-def launch(cmd: list[str], timeout: float = TIMEOUT, expect_rc: int = 0) -> str:
-    """Run ``cmd`` in the repo root; returns its combined output; fails on another exit code or timeout."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
-               MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}")
-    assert proc.returncode == expect_rc, f"exit code {proc.returncode}: {' '.join(cmd)}\n{out[-6000:]}"
-    return out
 
 
 def train_args(out: Path, block_file: Path | None, ds_config: str | None = None) -> list[str]:

@@ -61,11 +61,20 @@ def test_trainer_callback_prunes_in_place_and_training_continues(tmp_path):
         assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
 
 
-def test_trainer_callback_refuses_deepspeed(tmp_path):
+def test_trainer_callback_under_deepspeed_needs_the_trainer(tmp_path):
     class Args:
         deepspeed = "ds.json"
         output_dir = str(tmp_path)
 
     cb = GradPrunerCallback({"window_steps": 3, "num_drop": 1})
-    with pytest.raises(ValueError, match="^gradpruner: GradPrunerCallback cannot replace the DeepSpeed engine"):
+    with pytest.raises(ValueError, match="^gradpruner: GradPrunerCallback under DeepSpeed needs the Trainer"):
         cb.on_train_begin(Args(), None, None, model=tiny_llama(4))
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_trainer_callback_without_config_or_deepspeed_is_refused(tmp_path):
+    class Args:
+        output_dir = str(tmp_path)
+
+    with pytest.raises(ValueError, match="^gradpruner: GradPrunerCallback needs a config"):
+        GradPrunerCallback().on_train_begin(Args(), None, None, model=tiny_llama(4))

@@ -1,0 +1,104 @@
+"""GradPruner inside the real HF ``Trainer`` (``launch/train_hf.py``) on 2 CPU ranks: DeepSpeed ZeRO-2,
+ZeRO-3 and FSDP2 (sharded at load time by transformers), each checked against the single-process
+Trainer run of the same computation (tiny random Llama, real intent_recognition data, sequential
+sampling so every world size sees the same global batches): the same plan, the same per-step losses
+before and after the in-place prune, the Trainer's step count, and a pruned ``gradpruner_final`` that
+``from_pretrained`` loads and that computes the same logits as the single-process one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers.procs import ROOT, launch, tool
+from helpers.ranks import free_port
+from transformers import AutoModelForCausalLM
+
+pytestmark = pytest.mark.dist
+
+SCRIPT = str(ROOT / "launch" / "train_hf.py")
+BLOCK = {"window_steps": 2, "num_drop": 2, "num_merge": 1, "criterion": "igia_sum", "progress_bar": False}
+STEPS, LAYERS, KEPT = 5, 8, 5
+COMMON = ["--tiny", "--tiny_layers", str(LAYERS), "--max_steps", str(STEPS)]
+
+
+def trainer_config(tmp: Path, stage: int) -> Path:
+    cfg = json.loads((ROOT / "configs" / f"trainer_zero{stage}.json").read_text())
+    cfg["gradpruner"] = BLOCK
+    path = tmp / f"trainer_zero{stage}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def check(out: Path, log: str) -> dict[str, Any]:
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_step"] == STEPS and len(summary["losses"]) == STEPS
+    assert summary["layers_before"] == LAYERS and summary["layers_after"] == KEPT
+    assert "pruned model saved to" in log
+    return summary
+
+
+def final_logits(out: Path) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(out / "gradpruner_final", dtype=torch.float32)
+    assert model.config.num_hidden_layers == KEPT == len(model.model.layers)
+    assert model.config.gradpruner["original_num_layers"] == LAYERS
+    ids = torch.arange(3, 19).reshape(2, 8)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("trainer_single")
+    block = out / "block.json"
+    block.write_text(json.dumps(BLOCK))
+    log = launch([sys.executable, SCRIPT, *COMMON, "--per_device_batch", "4", "--gradpruner_config", str(block),
+                  "--output_dir", str(out)])
+    return out, check(out, log)
+
+
+def same_run(a: dict[str, Any], b: dict[str, Any]) -> None:
+    for key in ("dropped", "merged", "targets", "step", "observed_steps"):
+        assert a["plan"][key] == b["plan"][key], key
+    assert a["plan"]["scores"] == pytest.approx(b["plan"]["scores"], rel=1e-4)
+    # steps 1-2 observed, pruned after step 2, steps 3-5 on the pruned model with the carried optimizer
+    assert a["losses"] == pytest.approx(b["losses"], abs=2e-5)
+
+
+def test_single_process_trainer_prunes(single):
+    out, summary = single
+    assert summary["engine"] == "single" and summary["plan"]["dropped"] == [6, 7]
+    report = json.loads((out / "gradpruner" / "gradpruner_report.json").read_text())
+    assert report["params_after"] < report["params_before"]
+
+
+@pytest.mark.skipif(tool("torchrun") is None, reason="torchrun not installed")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_trainer_deepspeed_matches_single_process(tmp_path, single, stage):
+    cmd = [tool("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), SCRIPT, *COMMON,
+           "--per_device_batch", "2", "--deepspeed", str(trainer_config(tmp_path, stage)),
+           "--output_dir", str(tmp_path)]
+    summary = check(tmp_path, launch(cmd))
+    assert summary["engine"] == "deepspeed" and summary["world"] == 2
+    same_run(summary, single[1])
+    assert torch.allclose(final_logits(tmp_path), final_logits(single[0]), atol=1e-4)
+
+
+@pytest.mark.skipif(tool("accelerate") is None, reason="accelerate not installed")
+def test_accelerate_launch_trainer_fsdp2_matches_single_process(tmp_path, single):
+    """``accelerate launch`` on 2 CPU processes; the model is FSDP2-sharded at load time by transformers
+    (``DistributedConfig(fsdp_size=2)``), which the Trainer trains without wrapping it again."""
+    block = tmp_path / "block.json"
+    block.write_text(json.dumps(BLOCK))
+    cmd = [tool("accelerate"), "launch", "--config_file", str(ROOT / "configs" / "accelerate_cpu2.yaml"),
+           "--main_process_port", str(free_port()), SCRIPT, *COMMON, "--per_device_batch", "2", "--fsdp2",
+           "--gradpruner_config", str(block), "--output_dir", str(tmp_path)]
+    summary = check(tmp_path, launch(cmd))
+    assert summary["engine"] == "fsdp2" and summary["world"] == 2
+    same_run(summary, single[1])
+    assert torch.allclose(final_logits(tmp_path), final_logits(single[0]), atol=1e-4)
