@@ -81,6 +81,12 @@ class GradPrunerConfig(BaseModel):
         True,
         description="Merge only where the merged weight's sign equals the kept weight's (the paper's rule).",
     )
+    merge_rule: Literal["gradpruner", "laco"] = Field(
+        "gradpruner",
+        description="How merged layers enter their target. 'gradpruner': the paper's top-p (keep_fraction) "
+        "masked, sign-consistent merge. 'laco': LaCo-style unmasked differences W_r += sum_p (W_p - W_r) "
+        "(a baseline; keep_fraction and sign_consistent do not apply).",
+    )
     lora_adapter: str = Field("default", description="peft adapter name read in 'lora' mode.")
     output_dir: str | None = Field(
         None, description="Where the report (JSON + PNG) and plan are written; none = no files."

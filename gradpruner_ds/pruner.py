@@ -34,7 +34,7 @@ from gradpruner_ds.arch import (
 from gradpruner_ds.backends.base import Backend
 from gradpruner_ds.config import GradPrunerConfig
 from gradpruner_ds.core.igia import IGIAAccumulator, Key, keys_for
-from gradpruner_ds.core.merge import keep_count, kth_largest, topk_mask
+from gradpruner_ds.core.merge import MergeRule, keep_count, kth_largest, topk_mask
 from gradpruner_ds.core.plan import PrunePlan, make_plan
 from gradpruner_ds.core.scoring import ScoreContext, get_criterion, layer_scores, partial_table
 from gradpruner_ds.errors import user_error
@@ -248,6 +248,7 @@ class GradPruner:
                 "mode": self.mode,
                 "keep_fraction": self.config.keep_fraction,
                 "sign_consistent": self.config.sign_consistent,
+                "merge_rule": self.config.merge_rule,
             },
         )
         self.backend.check_plan(plan, self.config.consensus_timeout_s)
@@ -265,11 +266,18 @@ class GradPruner:
         names = list(self.spec.linear_names)
         mkeys = [(p, n) for p in plan.merged for n in names]
         igia = {k: self.acc.igia(k).reshape(-1) for k in mkeys}
-        ks = [
-            keep_count(self.backend.global_numel(self.weights[k]), self.config.keep_fraction) for k in mkeys
-        ]
-        thresholds = kth_largest([igia[k] for k in mkeys], ks, self.backend.all_reduce_sum_)
-        masks = {k: topk_mask(igia[k], thr) for k, thr in zip(mkeys, thresholds, strict=True)}
+        rule: MergeRule
+        if self.config.merge_rule == "laco":  # unmasked: every entry of this rank's piece
+            rule = "laco"
+            masks = {k: torch.ones_like(igia[k], dtype=torch.bool) for k in mkeys}
+        else:
+            rule = "sign" if self.config.sign_consistent else "masked"
+            ks = [
+                keep_count(self.backend.global_numel(self.weights[k]), self.config.keep_fraction)
+                for k in mkeys
+            ]
+            thresholds = kth_largest([igia[k] for k in mkeys], ks, self.backend.all_reduce_sum_)
+            masks = {k: topk_mask(igia[k], thr) for k, thr in zip(mkeys, thresholds, strict=True)}
         del igia
         by_target: dict[int, list[int]] = defaultdict(list)
         for p, t in plan.targets:
@@ -280,7 +288,7 @@ class GradPruner:
             for n in names
         ]
         # each target matrix is merged in one call, so every source's sign test sees the ORIGINAL target
-        local_counts = self.backend.apply_merge(self.weights, groups, self.config.sign_consistent)
+        local_counts = self.backend.apply_merge(self.weights, groups, rule)
         counts = torch.tensor([list(local_counts.get(k, (0, 0))) for k in mkeys], dtype=torch.int64)
         self.backend.all_reduce_sum_(counts)
         col = {k: i for i, k in enumerate(mkeys)}

@@ -20,7 +20,9 @@ Example::
         --out benchmarks/quality/out/intent --budgets 0.3 --window 4 --retune 8 --test 60
 
 Arm names: ``dense``, ``<criterion>@<budget>`` (e.g. ``igia_sum@0.3``), ``random@0.3#s1`` (seed 1),
-``<criterion>@<budget>+m<k>`` (k of the removed layers merged), ``...+m<k>-nosign`` (merge without the
+``<criterion>@<budget>+m<k>`` (k of the removed layers merged), ``...+m<k>-laco`` (LaCo-style unmasked
+difference merge, ``merge_rule: laco``), ``...#d<N>`` (re-tuning data order N; 0 = the shared fixed
+order, others a reshuffle seeded with N; ``dense#d<N>`` too), ``...+m<k>-nosign`` (merge without the
 sign rule), ``...~lora`` (IGIA from the paper's LoRA probe: a peft LoRA r=8 copy trained for the same
 window on the same batches; its plan is applied to the full fine-tune).
 """
@@ -50,9 +52,10 @@ from gradpruner_ds.pruner import GradPruner  # noqa: E402
 from gradpruner_ds.tasks import build_train_dataset, collate, evaluate_choices, load_task, split_task  # noqa: E402
 
 ARM_RE = re.compile(
-    r"^(?P<crit>[a-z_]+)@(?P<budget>[0-9.]+)(?:\+m(?P<merge>\d+))?(?P<nosign>-nosign)?(?P<lora>~lora)?"
-    r"(?:#s(?P<seed>\d+))?$"
+    r"^(?P<crit>[a-z_]+)@(?P<budget>[0-9.]+)(?:\+m(?P<merge>\d+))?(?P<rule>-nosign|-laco)?(?P<lora>~lora)?"
+    r"(?:#s(?P<seed>\d+))?(?:#d(?P<dseed>\d+))?$"
 )
+DENSE_RE = re.compile(r"^dense(?:#d(?P<dseed>\d+))?$")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,10 +98,12 @@ def default_arms(budgets: list[float], seeds: list[int]) -> list[str]:
 
 
 # ---- training ----------------------------------------------------------------------------------------
-def make_batches(tok: Any, split: Any, n: int, batch: int, max_length: int) -> list[dict[str, torch.Tensor]]:
+def make_batches(
+    tok: Any, split: Any, n: int, batch: int, max_length: int, seed: int = 1234
+) -> list[dict[str, torch.Tensor]]:
     """``n`` training batches in a fixed order (seeded shuffle of the train split, cycled)."""
     ds = build_train_dataset(tok, split.train, max_length=max_length)
-    g = torch.Generator().manual_seed(1234)
+    g = torch.Generator().manual_seed(seed)
     order: list[int] = []
     while len(order) < n * batch:
         order += torch.randperm(len(ds), generator=g).tolist()
@@ -222,17 +227,26 @@ def lora_probe_igia(args: argparse.Namespace, base: Any, batches: list) -> dict[
 
 
 # ---- arms ---------------------------------------------------------------------------------------------
+def data_order(arm: str) -> int:
+    """The re-tuning data order of an arm (``#d<N>``; 0 = the shared fixed order)."""
+    m = DENSE_RE.match(arm) or ARM_RE.match(arm)
+    if m is None:
+        raise SystemExit(f"bad arm name {arm!r}")
+    return int(m["dseed"] or 0)
+
+
 def run_arm(
-    arm: str, args: argparse.Namespace, win: dict[str, Any], base: Any, tok: Any, batches: list, test: list
+    arm: str, args: argparse.Namespace, win: dict[str, Any], base: Any, tok: Any, retune: list, test: list
 ) -> dict[str, Any]:
+    """One arm: prune the shared window state by the arm's settings, re-tune on ``retune``, evaluate."""
     t0 = time.perf_counter()
     model = copy.deepcopy(base)
     model.load_state_dict(win["model"])
     model.train()
     opt = new_opt(model, args.lr)
     opt.load_state_dict(win["opt"])
-    rec: dict[str, Any] = {"arm": arm}
-    if arm != "dense":
+    rec: dict[str, Any] = {"arm": arm, "data_order": data_order(arm)}
+    if DENSE_RE.match(arm) is None:
         m = ARM_RE.match(arm)
         if m is None:
             raise SystemExit(f"bad arm name {arm!r}")
@@ -246,7 +260,8 @@ def run_arm(
                 "prune_ratio": budget,
                 "num_merge": n_merge,
                 "criterion": crit,
-                "sign_consistent": m["nosign"] is None,
+                "sign_consistent": m["rule"] != "-nosign",
+                "merge_rule": "laco" if m["rule"] == "-laco" else "gradpruner",
                 "progress_bar": False,
             }
         )
@@ -275,7 +290,8 @@ def run_arm(
             criterion=crit,
             budget=budget,
             num_merge=n_merge,
-            sign_consistent=m["nosign"] is None,
+            sign_consistent=m["rule"] != "-nosign",
+            merge_rule="laco" if m["rule"] == "-laco" else "gradpruner",
             seed=int(m["seed"] or 0),
             removed=list(plan.removed),
             dropped=list(plan.dropped),
@@ -286,7 +302,7 @@ def run_arm(
     t_prune = time.perf_counter() - t0
     losses = []
     for i in range(args.retune):
-        losses.append(step(model, opt, batches[args.window + i]))
+        losses.append(step(model, opt, retune[i]))
     t_train = time.perf_counter() - t0 - t_prune
     acc = evaluate_choices(model, tok, test, batch_size=32, max_length=256)
     rec.update(
@@ -302,7 +318,8 @@ def build_report(out: Path) -> None:
     recs = [json.loads(p.read_text()) for p in sorted((out / "arms").glob("*.json"))]
     if not recs:
         return
-    dense = next((r["accuracy"] for r in recs if r["arm"] == "dense"), None)
+    dense_accs = [r["accuracy"] for r in recs if DENSE_RE.match(r["arm"])]
+    dense = sum(dense_accs) / len(dense_accs) if dense_accs else None  # over its data orders
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in recs:
         key = r["arm"].split("#")[0]
@@ -430,8 +447,14 @@ def main(argv: list[str] | None = None) -> None:
             indent=1,
         )
     )
+    retune_sets: dict[int, list] = {0: batches[args.window :]}
     for arm in todo:
-        rec = run_arm(arm, args, win, base, tok, batches, split.test)
+        d = data_order(arm)
+        if d not in retune_sets:  # another order of the train split for the re-tuning steps
+            retune_sets[d] = make_batches(
+                tok, split, args.window + args.retune, args.batch, args.max_length, seed=1234 + d
+            )[args.window :]
+        rec = run_arm(arm, args, win, base, tok, retune_sets[d], split.test)
         (out / "arms" / f"{arm}.json").write_text(json.dumps(rec, indent=1))
         print(
             f"{arm}: acc {rec['accuracy']:.3f} removed {rec.get('removed', '-')} "

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gradpruner_ds.core.igia import Key, all_finite
-from gradpruner_ds.core.merge import sign_consistent_merge_
+from gradpruner_ds.core.merge import MergeRule, merge_
 from gradpruner_ds.core.plan import PrunePlan
 
 MergeGroup = tuple[Key, Sequence[tuple[Key, torch.Tensor]]]
@@ -83,7 +83,7 @@ class Backend:
         return None
 
     def apply_merge(
-        self, params: Mapping[Key, nn.Parameter], groups: Sequence[MergeGroup], sign_rule: bool
+        self, params: Mapping[Key, nn.Parameter], groups: Sequence[MergeGroup], rule: MergeRule
     ) -> dict[Key, tuple[int, int]]:
         """Merge each group's masked sources into its target (method.md), in every copy of the weight
         the engine keeps. Returns per merged matrix this rank's (mask entries, merged entries) counts,
@@ -93,7 +93,7 @@ class Backend:
         for tkey, sources in groups:
             target = local[tkey]
             pairs = [(local[s].reshape(target.shape), m.reshape(target.shape)) for s, m in sources]
-            added = sign_consistent_merge_(target, pairs, sign_rule)
+            added = merge_(target, pairs, rule)
             for (skey, mask), n in zip(sources, added, strict=True):
                 counts[skey] = (int(mask.sum()), n)
             self.store_weight(params[tkey], target)

@@ -38,7 +38,7 @@ from torch import nn
 from gradpruner_ds.backends.base import MergeGroup
 from gradpruner_ds.backends.sharded import ShardedBackend
 from gradpruner_ds.core.igia import Key
-from gradpruner_ds.core.merge import sign_consistent_merge_
+from gradpruner_ds.core.merge import MergeRule, merge_
 from gradpruner_ds.diagnostics import release_memory
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
@@ -171,11 +171,11 @@ class DeepSpeedBackend(ShardedBackend):
 
     # ---- merge ------------------------------------------------------------------------------------------
     def apply_merge(
-        self, params: Mapping[Key, nn.Parameter], groups: Sequence[MergeGroup], sign_rule: bool
+        self, params: Mapping[Key, nn.Parameter], groups: Sequence[MergeGroup], rule: MergeRule
     ) -> dict[Key, tuple[int, int]]:
         if self.stage == 3:
-            return super().apply_merge(params, groups, sign_rule)
-        return self._apply_merge_zero12(params, groups, sign_rule)
+            return super().apply_merge(params, groups, rule)
+        return self._apply_merge_zero12(params, groups, rule)
 
     def store_weight(self, param: nn.Parameter, local_piece: torch.Tensor) -> None:
         """ZeRO-3: write the merged slice into the fp32 master and the low-precision shard."""
@@ -201,7 +201,7 @@ class DeepSpeedBackend(ShardedBackend):
         return buf.view(p.shape)
 
     def _apply_merge_zero12(
-        self, params: Mapping[Key, nn.Parameter], groups: Sequence[MergeGroup], sign_rule: bool
+        self, params: Mapping[Key, nn.Parameter], groups: Sequence[MergeGroup], rule: MergeRule
     ) -> dict[Key, tuple[int, int]]:
         """Fragments of different parameters do not line up, so each target is merged whole, one
         matrix at a time: masks and fp32 values are assembled from fragments (sum of disjoint pieces),
@@ -218,7 +218,7 @@ class DeepSpeedBackend(ShardedBackend):
                 full_mask[start : start + numel] = mask_piece.to(torch.uint8)
                 self.all_reduce_sum_(full_mask)
                 pairs.append((self._full_fp32(sp), full_mask.view(sp.shape).bool()))
-            added = sign_consistent_merge_(target, pairs, sign_rule)
+            added = merge_(target, pairs, rule)
             t_start, t_numel = self._frag(tp)
             for (skey, mask_piece), n_added in zip(sources, added, strict=True):
                 # mask pieces are disjoint over ranks; the whole-matrix merge ran on every rank, so only
@@ -295,6 +295,13 @@ class DeepSpeedBackend(ShardedBackend):
         stepped) Adam moments — local copies, no gather."""
         out: dict[int, dict[str, Any]] = {}
         keys = ("exp_avg", "exp_avg_sq") if moments else ()
+        if self.stage != 3 and moments:
+            # DeepSpeed links each fragment to the optimizer state once, right after the FIRST param
+            # group has stepped, so with several groups (the HF Trainer's decay / no-decay split) the
+            # later groups' fragments point at a still-empty state: link again now that all exist
+            opt = self.engine.optimizer
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
         for p in kept:
             entry: dict[str, Any] = {"param": p, "frag": self._frag(p)}
             if self.stage == 3:

@@ -8,16 +8,23 @@ that must be summed over shards (``reduce_`` is an in-place SUM; identity in one
 Merge (method.md section 2): ``W_r <- W_r + sum_p W_p * M_p * 1[sign(W_r) == sign(W_p) != 0]``, every
 sign test against the ORIGINAL ``W_r``. Signs are compared directly (not through ``W_r * W_p > 0``)
 so tiny bf16 values cannot underflow the test.
+
+A baseline rule, LaCo-style reserving-differences merging (Yang et al., 2024):
+``W_r <- W_r + sum_p (W_p - W_r)``, unmasked, every difference against the ORIGINAL ``W_r``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 
 Reducer = Callable[[torch.Tensor], None]
+MergeRule = Literal["sign", "masked", "laco"]
+"""``sign``: the paper's sign-consistent masked merge; ``masked``: the same without the sign test (an
+ablation); ``laco``: LaCo-style unmasked differences (a baseline)."""
 
 
 def keep_count(numel: int, keep_fraction: float) -> int:
@@ -93,3 +100,27 @@ def sign_consistent_merge_(
         )
         added.append(int(sel.sum()))
     return added
+
+
+def difference_merge_(
+    target: torch.Tensor, sources: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> list[int]:
+    """LaCo-style merge in place: ``W_r += sum_p M_p * (W_p - W_r_original)``; with all-true masks this
+    is LaCo's reserving-differences merge. Returns, per source, how many entries were changed."""
+    orig = target.clone()
+    zero = torch.zeros((), dtype=target.dtype, device=target.device)
+    added = []
+    for w_p, mask in sources:
+        sel = mask.to(torch.bool)
+        target.add_(torch.where(sel, w_p.to(target.dtype) - orig, zero))
+        added.append(int(sel.sum()))
+    return added
+
+
+def merge_(
+    target: torch.Tensor, sources: Sequence[tuple[torch.Tensor, torch.Tensor]], rule: MergeRule = "sign"
+) -> list[int]:
+    """Merge ``sources`` (``(W_p, M_p)`` pairs laid out like ``target``) into ``target`` by ``rule``."""
+    if rule == "laco":
+        return difference_merge_(target, sources)
+    return sign_consistent_merge_(target, sources, sign_rule=rule == "sign")

@@ -267,3 +267,15 @@ def test_default_criterion_block_influence_equals_single_process(stage):
     ref = single_process_run(block, STEPS, 2, MICRO, GAS, CLIP)
     assert ref["plan"]["criterion"] == "shortgpt_bi"
     assert_matches(ref, run_ranks(deepspeed_run, 2, block, STEPS, stage, MICRO, GAS, CLIP))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_laco_merge_rule_world2_equals_single_process(stage):
+    """The LaCo-style baseline merge (unmasked differences) through the same sharded merge paths."""
+    block = {**BLOCK, "merge_rule": "laco"}
+    results = run_ranks(deepspeed_run, 2, block, STEPS, stage, MICRO, GAS, CLIP)
+    ref = single_process_run(block, STEPS, 2, MICRO, GAS, CLIP)
+    assert_matches(ref, results)
+    assert all(s["mask_density"] == 1.0 == s["merged_density"] for s in ref["merge"])
+    assert ref["losses"][: BLOCK["window_steps"]] == reference(2)["losses"][: BLOCK["window_steps"]]
+    assert ref["losses"][BLOCK["window_steps"]] != reference(2)["losses"][BLOCK["window_steps"]]

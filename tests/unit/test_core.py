@@ -16,7 +16,14 @@ from gradpruner_ds.core.igia import (
     product_flat_slice,
     simulated_gradient,
 )
-from gradpruner_ds.core.merge import keep_count, kth_largest, sign_consistent_merge_, topk_mask
+from gradpruner_ds.core.merge import (
+    difference_merge_,
+    keep_count,
+    kth_largest,
+    merge_,
+    sign_consistent_merge_,
+    topk_mask,
+)
 from gradpruner_ds.core.plan import PrunePlan, make_plan, merge_targets, rank_layers, select_layers
 from gradpruner_ds.core.scoring import ScoreContext, layer_scores, partial_table
 
@@ -248,6 +255,23 @@ def test_merge_without_sign_rule_is_plain_masked_addition():
         target, [(torch.tensor([3.0, 2.0, 5.0]), torch.tensor([True, False, True]))], sign_rule=False
     )
     assert target.tolist() == [4.0, -1.0, 5.0]
+
+
+def test_laco_difference_merge_hand_example():
+    # LaCo's reserving-differences merge: W_r + sum_p (W_p - W_r), each difference to the ORIGINAL W_r
+    target = torch.tensor([1.0, -2.0, 0.0])
+    s1 = (torch.tensor([3.0, 2.0, 5.0]), torch.tensor([True, True, True]))
+    s2 = (torch.tensor([-1.0, -2.0, 1.0]), torch.tensor([True, True, True]))
+    added = difference_merge_(target, [s1, s2])
+    assert target.tolist() == [1.0 + 2.0 - 2.0, -2.0 + 4.0 + 0.0, 0.0 + 5.0 + 1.0]
+    assert added == [3, 3]
+    # one source: the target becomes the source; merge_ dispatches by rule
+    t = torch.tensor([1.0, -2.0])
+    merge_(t, [(torch.tensor([7.0, 8.0]), torch.tensor([True, True]))], "laco")
+    assert t.tolist() == [7.0, 8.0]
+    t = torch.tensor([1.0, -1.0])
+    merge_(t, [(torch.tensor([2.0, 2.0]), torch.tensor([True, True]))], "masked")
+    assert t.tolist() == [3.0, 1.0]
 
 
 def test_merge_sign_test_survives_bf16_underflow():

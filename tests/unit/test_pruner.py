@@ -289,3 +289,31 @@ def test_few_valid_steps_warn(tmp_path, caplog):
         logging.getLogger("gradpruner_ds").propagate = False
     assert pruner.plan.observed_steps == 1 and pruner.plan.skipped_steps == 2
     assert any("only 1 of 3 observed steps had finite gradients" in r.getMessage() for r in caplog.records)
+
+
+def test_laco_merge_rule_adds_unmasked_differences(tmp_path):
+    model = tiny_llama(5)
+    opt, sched = make_opt(model)
+    pruner = GradPruner(
+        model,
+        _cfg(tmp_path, num_drop=1, num_merge=2, merge_rule="laco", criterion="igia_sum"),
+        total_steps=STEPS,
+    )
+    for batch in batches(WINDOW, seed=3):
+        train_step(model, opt, sched, batch, pruner=pruner)
+    layers = model.model.layers
+    before = {
+        (i, n): layers[i].get_submodule(n).weight.detach().clone() for i in range(5) for n in naive.LINEARS
+    }
+    pruner.maybe_prune(opt, sched)
+    plan = pruner.plan
+    by_target: dict[int, list[int]] = {}
+    for p, t in plan.targets:
+        by_target.setdefault(t, []).append(p)
+    for t, sources in by_target.items():
+        new_t = list(plan.kept).index(t)
+        for n in naive.LINEARS:
+            want = before[(t, n)] + sum(before[(p, n)] - before[(t, n)] for p in sources)
+            assert torch.allclose(model.model.layers[new_t].get_submodule(n).weight, want, atol=1e-6), n
+    assert plan.extra["merge_rule"] == "laco"
+    assert all(s["mask_density"] == 1.0 for s in pruner.report["merge"])
