@@ -134,7 +134,7 @@ def dry_run(
     n_mat = n_layers * len(spec.linear_names)
     if mode == "full":
         igia = sum(_partition(math.prod(s), world_size) for layer in shapes for s in layer.values()) * 4
-        obs_colls, obs_bytes = 1, 2 * 8
+        obs_colls, obs_bytes = 1, 8  # the squared gradient norm (float64)
     else:  # per matrix the cheaper of: the factors of every step (whole), or an fp32 slice accumulator
         per_step = sum(lora_rank * (s[0] + s[1]) for layer in shapes for s in layer.values())
         igia = 4 * sum(
@@ -142,7 +142,7 @@ def dry_run(
             for layer in shapes
             for s in layer.values()
         )
-        obs_colls, obs_bytes = 2, 2 * 8 + per_step * 4
+        obs_colls, obs_bytes = 2, 8 + per_step * 4
     sc = scores if scores is not None else [float(n_layers - i) for i in range(n_layers)]
     plan = make_plan(
         sc,

@@ -7,10 +7,10 @@ The same fine-tuning as ``launch/train.py`` (SmolLM2-135M on a multiple-choice t
     python launch/train_hf.py --gradpruner_config configs/gradpruner_trainer.json
     # DeepSpeed ZeRO-2 / ZeRO-3 on 2 CPU ranks (the block may also sit in the DeepSpeed config)
     torchrun --nproc_per_node 2 launch/train_hf.py --deepspeed configs/trainer_zero2.json
-    accelerate launch --config_file configs/accelerate_zero2.yaml launch/train_hf.py \
-        --deepspeed configs/trainer_zero2.json
     # FSDP2: the model is sharded at load time by transformers (DistributedConfig(fsdp_size=world))
     torchrun --nproc_per_node 2 launch/train_hf.py --fsdp2 --gradpruner_config configs/gradpruner_trainer.json
+    accelerate launch --config_file configs/accelerate_fsdp2.yaml launch/train_hf.py --fsdp2 \
+        --gradpruner_config configs/gradpruner_trainer.json
 
 Writes ``<output_dir>/summary.json`` (per-step losses, the plan, layers before/after), the GradPruner
 report and the pruned model in ``<output_dir>/gradpruner_final`` (``from_pretrained`` loads it).

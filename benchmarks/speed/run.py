@@ -1,17 +1,17 @@
-"""Speed and memory of in-place GradPruner under DeepSpeed ZeRO, measured side by side in one run.
+"""Speed and memory of in-place GradPruner under DeepSpeed ZeRO and FSDP2, side by side in one run.
 
-For each ZeRO stage, on N gloo ranks (CPU) and a Llama-architecture model of >= 50M parameters:
+For each engine (ZeRO-1/2/3, FSDP2), on N gloo ranks (CPU) and a Llama model of >= 50M parameters:
 
 * observed step / plain step (the observation window's overhead);
 * step after the window (observe() still called, a no-op) / plain step;
 * in-place prune + re-partition + first step, vs the restart pipeline the reference code needs
-  (save a ZeRO checkpoint, consolidate it and prune offline in one process, save an HF checkpoint,
-  relaunch the ranks, load, first step);
+  (save a sharded checkpoint, consolidate it and prune offline in one process, save an HF checkpoint,
+  relaunch the ranks with torchrun as a new job (interpreter, imports, process group), load, first step);
 * post-prune step / dense step, next to the kept-parameter fraction;
 * RSS after / before the prune (and the dense x kept-fraction target);
 * collectives (count, bytes) issued by GradPruner during observation and during the prune.
 
-Usage: python benchmarks/speed/run.py --stages 1 2 3 --out docs/benchmarks/speed.json
+Usage: python benchmarks/speed/run.py --engines zero1 zero2 zero3 fsdp2 --out docs/benchmarks/speed.json
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))  # the forked-ranks runner used by the distributed tests
@@ -33,7 +35,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
-from helpers.ranks import run_ranks  # noqa: E402
+from helpers.ranks import free_port, run_ranks  # noqa: E402
 
 
 def model_config(args: argparse.Namespace):
@@ -52,7 +54,7 @@ def model_config(args: argparse.Namespace):
 
 
 def batch(args: argparse.Namespace, step: int, rank: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * step + rank)
+    g = torch.Generator().manual_seed(1000 * (step + 100) + rank)
     ids = torch.randint(0, args.vocab, (args.micro, args.seq), generator=g)
     return {"input_ids": ids, "labels": ids}
 
@@ -73,77 +75,135 @@ def ds_config(stage: int) -> dict:
     }
 
 
-def timed_steps(engine, args, first: int, n: int, rank: int, pruner=None) -> list[float]:
-    out = []
-    for s in range(first, first + n):
-        t0 = time.perf_counter()
-        loss = engine(**batch(args, s, rank)).loss
-        engine.backward(loss)
-        if pruner is not None:
-            pruner.observe()
-        engine.step()
-        out.append(time.perf_counter() - t0)
-    return out
+class Runner:
+    """One engine's training step, in-place prune and checkpoint for the benchmark."""
+
+    def __init__(self, name: str, model: torch.nn.Module, args: argparse.Namespace) -> None:
+        self.name, self.args = name, args
+        if name == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+            self.module = model
+            self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        else:
+            import deepspeed
+
+            self.cfg = ds_config(int(name[-1]))
+            self.cfg["train_micro_batch_size_per_gpu"] = args.micro
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            self.engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=self.cfg)
+            self.module = self.engine.module
+
+    def pruner(self, block: Any) -> Any:
+        if self.name == "fsdp2":
+            from gradpruner_ds.backends.fsdp2 import FSDP2Backend
+            from gradpruner_ds.pruner import GradPruner
+
+            return GradPruner(self.module, block, backend=FSDP2Backend(self.module))
+        from gradpruner_ds.backends.deepspeed import for_deepspeed
+
+        return for_deepspeed(self.engine, self.cfg, config=block)
+
+    def steps(self, first: int, n: int, rank: int, pruner: Any = None) -> list[float]:
+        out = []
+        for s in range(first, first + n):
+            t0 = time.perf_counter()
+            if self.name == "fsdp2":
+                loss = self.module(**batch(self.args, s, rank)).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+                if pruner is not None:
+                    pruner.observe()
+                self.opt.step()
+                self.opt.zero_grad()
+            else:
+                loss = self.engine(**batch(self.args, s, rank)).loss
+                self.engine.backward(loss)
+                if pruner is not None:
+                    pruner.observe()
+                self.engine.step()
+            out.append(time.perf_counter() - t0)
+        return out
+
+    def prune(self, pruner: Any) -> None:
+        if self.name == "fsdp2":
+            self.opt, _ = pruner.maybe_prune(self.opt, None)
+        else:
+            self.engine, _ = pruner.maybe_prune(self.engine, None)
+            self.module = self.engine.module
+
+    def save_checkpoint(self, workdir: str) -> None:
+        """The sharded checkpoint the restart pipeline starts from (each rank writes its shard)."""
+        if self.name == "fsdp2":
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            dcp.save({"model": get_model_state_dict(self.module)}, checkpoint_id=str(Path(workdir) / "dcp"))
+        else:
+            self.engine.save_checkpoint(workdir, tag="dense")
+
+    def kept_params(self) -> int:
+        if self.name == "zero3":
+            return sum(int(p.ds_numel) for p in self.module.parameters())
+        return sum(p.numel() for p in self.module.parameters())  # a DTensor's numel is the global one
 
 
-def bench_rank(rank: int, world: int, stage: int, args: argparse.Namespace, workdir: str) -> dict:
-    import deepspeed
+def bench_rank(rank: int, world: int, name: str, args: argparse.Namespace, workdir: str) -> dict:
     from transformers import LlamaForCausalLM
 
-    from gradpruner_ds.backends.deepspeed import for_deepspeed
     from gradpruner_ds.config import GradPrunerConfig
     from gradpruner_ds.diagnostics import count_collectives, live_tensor_bytes, release_memory, rss_bytes
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(model_config(args))
     n_params = sum(p.numel() for p in model.parameters())
-    cfg = ds_config(stage)
-    cfg["train_micro_batch_size_per_gpu"] = args.micro
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    run = Runner(name, model, args)
     n = args.steps
-    timed_steps(engine, args, 0, 1, rank)  # warm-up (lazy state, first all-gathers)
-    plain = timed_steps(engine, args, 1, n, rank)
+    run.steps(-args.warmup, args.warmup, rank)  # warm-up (lazy state, ZeRO-3's trace, first all-gathers)
+    plain = run.steps(1, n, rank)
     block = GradPrunerConfig.from_dict(
         {"window_steps": n, "prune_ratio": args.prune_ratio, "num_merge": 1, "progress_bar": False}
     )
-    pruner = for_deepspeed(engine, cfg, config=block)
+    pruner = run.pruner(block)
     obs_calls: list[tuple[str, int]] = []
     observe = pruner.observe
 
+    obs_time: list[float] = []
+
     def counted_observe() -> None:  # GradPruner's own collectives only, not the engine's
+        t = time.perf_counter()
         with count_collectives() as calls:
             observe()
+        obs_time.append(time.perf_counter() - t)
         obs_calls.extend(calls)
 
     pruner.observe = counted_observe
-    observed = timed_steps(engine, args, 1 + n, n, rank, pruner)
+    observed = run.steps(1 + n, n, rank, pruner)
     release_memory()
     rss_before, live_before = rss_bytes(), live_tensor_bytes()
     # restart pipeline, part 1: the checkpoint the reference workflow would need
     t0 = time.perf_counter()
-    engine.save_checkpoint(workdir, tag="dense")
+    run.save_checkpoint(workdir)
     t_save = time.perf_counter() - t0
     # in-place prune + re-partition + first step
     t0 = time.perf_counter()
     with count_collectives() as prune_calls:
-        engine, _ = pruner.maybe_prune(engine, None)
+        run.prune(pruner)
     t_prune = time.perf_counter() - t0
-    first = timed_steps(engine, args, 1 + 2 * n, 1, rank, pruner)[0]
+    first = run.steps(1 + 2 * n, 1, rank, pruner)[0]
     release_memory()
     rss_after, live_after = rss_bytes(), live_tensor_bytes()
-    post = timed_steps(engine, args, 2 + 2 * n, n, rank, pruner)
-    n_kept = (
-        sum(p.numel() for p in engine.module.parameters())
-        if stage != 3
-        else sum(int(p.ds_numel) for p in engine.module.parameters())
-    )
+    post = run.steps(2 + 2 * n, n, rank, pruner)
     plan = pruner.plan.to_dict()
     return {
         "params_dense": n_params,
-        "params_kept": n_kept,
+        "params_kept": run.kept_params(),
         "plain_step_s": statistics.median(plain),
         "observed_step_s": statistics.median(observed),
+        "observe_call_s": statistics.median(obs_time[:n]),  # inside observe(); the rest is the forward hooks
         "post_prune_step_s": statistics.median(post),
         "inplace_prune_s": t_prune,
         "first_step_after_prune_s": first,
@@ -161,16 +221,26 @@ def bench_rank(rank: int, world: int, stage: int, args: argparse.Namespace, work
     }
 
 
-def offline_prune(workdir: str, args: argparse.Namespace, removed: list[int], targets: list) -> float:
-    """The reference workflow's middle part, in one process: consolidate the ZeRO checkpoint, load the
-    full model, cut the layers (merge included), write an HF checkpoint."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def offline_prune(
+    name: str, workdir: str, args: argparse.Namespace, removed: list[int], targets: list
+) -> float:
+    """The reference workflow's middle part, in one process: consolidate the sharded checkpoint, load
+    the full model, cut the layers (merge included), write an HF checkpoint."""
     from transformers import LlamaForCausalLM
 
     from gradpruner_ds.surgery import remove_layers
 
     t0 = time.perf_counter()
-    sd = get_fp32_state_dict_from_zero_checkpoint(workdir, tag="dense")
+    if name == "fsdp2":
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        full = Path(workdir) / "full.pt"
+        dcp_to_torch_save(str(Path(workdir) / "dcp"), str(full))
+        sd = torch.load(full, weights_only=True)["model"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(workdir, tag="dense")
     model = LlamaForCausalLM(model_config(args))
     model.load_state_dict(sd, strict=False)
     with torch.no_grad():  # the merge costs about the same offline; approximate with a masked add
@@ -184,31 +254,43 @@ def offline_prune(workdir: str, args: argparse.Namespace, removed: list[int], ta
     return time.perf_counter() - t0
 
 
-def relaunch_rank(rank: int, world: int, stage: int, args: argparse.Namespace, workdir: str) -> float:
-    """The reference workflow's last part: new ranks load the pruned checkpoint and take a step."""
-    import deepspeed
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(Path(workdir) / "pruned_hf")
-    cfg = ds_config(stage)
-    cfg["train_micro_batch_size_per_gpu"] = args.micro
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4), config=cfg
-    )
-    timed_steps(engine, args, 0, 1, rank)
-    return 0.0
+def relaunch(name: str, workdir: str, args: argparse.Namespace) -> float:
+    """The reference workflow's last part, as a new job: ``torchrun`` starts fresh ranks that import the
+    stack, join a process group, load the pruned checkpoint, wrap it and take one step. Wall time of
+    the whole launch (no scheduler queue, which a cluster adds on top)."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [
+        str(torchrun) if torchrun.is_file() else "torchrun",
+        "--nproc_per_node", str(args.world), "--master_port", str(free_port()),
+        str(Path(__file__).with_name("relaunch.py")), "--engine", name, "--model_dir",
+        str(Path(workdir) / "pruned_hf"), "--micro", str(args.micro), "--seq", str(args.seq),
+        "--vocab", str(args.vocab),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"relaunch failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return wall
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument(
+        "--engines",
+        nargs="+",
+        default=["zero1", "zero2", "zero3", "fsdp2"],
+        choices=["zero1", "zero2", "zero3", "fsdp2"],
+    )
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--micro", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=4, help="timed steps per phase (median reported)")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per phase (median reported)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps before the plain phase")
     ap.add_argument("--prune_ratio", type=float, default=0.375)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "speed.json")
     args = ap.parse_args()
@@ -217,20 +299,18 @@ def main() -> None:
 
     results = {}
     wall0 = time.perf_counter()
-    for stage in args.stages:
-        workdir = tempfile.mkdtemp(prefix=f"gp_speed_z{stage}_")
+    for name in args.engines:
+        workdir = tempfile.mkdtemp(prefix=f"gp_speed_{name}_")
         try:
-            ranks = run_ranks(bench_rank, args.world, stage, args, workdir, timeout=1800)
+            ranks = run_ranks(bench_rank, args.world, name, args, workdir, timeout=1800)
             r = {
                 k: max(x[k] for x in ranks) if isinstance(ranks[0][k], float) else ranks[0][k]
                 for k in ranks[0]
             }
             r["rss_before"] = statistics.mean(x["rss_before"] for x in ranks)
             r["rss_after"] = statistics.mean(x["rss_after"] for x in ranks)
-            t_offline = offline_prune(workdir, args, r["removed"], r["targets"])
-            t0 = time.perf_counter()
-            run_ranks(relaunch_rank, args.world, stage, args, workdir, timeout=1800)
-            t_relaunch = time.perf_counter() - t0
+            t_offline = offline_prune(name, workdir, args, r["removed"], r["targets"])
+            t_relaunch = relaunch(name, workdir, args)
             restart = r["save_checkpoint_s"] + t_offline + t_relaunch
             inplace = r["inplace_prune_s"] + r["first_step_after_prune_s"]
             kept = r["params_kept"] / r["params_dense"]
@@ -239,6 +319,7 @@ def main() -> None:
                 relaunch_and_first_step_s=t_relaunch,
                 restart_pipeline_s=restart,
                 ratio_observed_over_plain=r["observed_step_s"] / r["plain_step_s"],
+                ratio_observe_call_over_plain=r["observe_call_s"] / r["plain_step_s"],
                 ratio_inplace_over_restart=inplace / restart,
                 ratio_post_over_dense=r["post_prune_step_s"] / r["plain_step_s"],
                 kept_param_fraction=kept,
@@ -246,7 +327,7 @@ def main() -> None:
                 ratio_tensor_bytes_after_over_before=r["live_tensor_bytes_after"]
                 / r["live_tensor_bytes_before"],
             )
-            results[f"zero{stage}"] = r
+            results[name] = r
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,13 +336,14 @@ def main() -> None:
         json.dumps({"args": meta, "results": results, "wall_s": time.perf_counter() - wall0}, indent=2)
     )
     print(
-        "| stage | observed/plain step | post-prune/dense step (kept params) | in-place/restart | RSS after/before "
+        "| engine | observed/plain step (observe() call) | post-prune/dense step (kept params) | in-place/restart | RSS after/before "
         "| tensor bytes after/before | GradPruner collectives: observe (count, MB) / prune + re-partition |"
     )
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(
-            f"| {name} | {r['ratio_observed_over_plain']:.3f} | {r['ratio_post_over_dense']:.3f} "
+            f"| {name} | {r['ratio_observed_over_plain']:.3f} ({r['ratio_observe_call_over_plain']:.3f}) "
+            f"| {r['ratio_post_over_dense']:.3f} "
             f"({r['kept_param_fraction']:.3f}) | {r['ratio_inplace_over_restart']:.3f} "
             f"({r['inplace_prune_s'] + r['first_step_after_prune_s']:.1f} s vs {r['restart_pipeline_s']:.1f} s) "
             f"| {r['ratio_rss_after_over_before']:.3f} | {r['ratio_tensor_bytes_after_over_before']:.3f} "

@@ -37,7 +37,7 @@ from torch import nn
 
 from gradpruner_ds.backends.base import MergeGroup
 from gradpruner_ds.backends.sharded import ShardedBackend
-from gradpruner_ds.core.igia import Key
+from gradpruner_ds.core.igia import Key, sq_norm
 from gradpruner_ds.core.merge import MergeRule, merge_
 from gradpruner_ds.diagnostics import release_memory
 from gradpruner_ds.errors import user_error
@@ -117,17 +117,14 @@ class DeepSpeedBackend(ShardedBackend):
         return [p for p in self.engine.module.parameters() if p.requires_grad]
 
     def step_check(self, observed: Iterable[torch.Tensor]) -> tuple[bool, float]:
-        """One all-reduce: non-finite count and the squared norm of ALL trainable gradients, from which
+        """One all-reduce: the squared norm of ALL trainable gradients (non-finite iff any entry is), from which
         the engine's clipping factor (applied later, inside ``engine.step``) is recomputed."""
         del observed  # the norm needs every trainable gradient, which includes the observed ones
-        stats = torch.zeros(2, dtype=torch.float64)
+        stats = torch.zeros(1, dtype=torch.float64)
         for p in self._trainable():
-            g = self._local_grad(p).float()
-            if g.numel():
-                stats[0] += g.double().square().sum()
-                stats[1] += (~torch.isfinite(g)).sum()
+            stats[0] += sq_norm(self._local_grad(p))  # inf/nan if any entry is: no separate finite pass
         self.all_reduce_sum_(stats)
-        if stats[1] > 0 or not math.isfinite(float(stats[0])):
+        if not math.isfinite(float(stats[0])):
             return False, 1.0
         loss_scale = float(getattr(self.engine.optimizer, "loss_scale", 1.0) or 1.0)
         scale = 1.0 / loss_scale

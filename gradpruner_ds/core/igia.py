@@ -17,6 +17,7 @@ come from one table that adds up over shards.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,9 +59,18 @@ def product_flat_slice(b: torch.Tensor, a: torch.Tensor, offset: int, numel: int
     return rows[start : start + numel]
 
 
+def sq_norm(t: torch.Tensor) -> float:
+    """Squared L2 norm in one read pass (``dot(t, t)``, no temporary for fp32 tensors). Non-finite iff
+    some entry is inf/nan (or squares beyond the fp32 range, ~1.8e19: treated as non-finite too)."""
+    flat = t.detach().reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    return float(torch.dot(flat, flat)) if flat.numel() else 0.0
+
+
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """True when every tensor holds only finite values (a step with inf/nan gradients is not observed)."""
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return all(math.isfinite(sq_norm(t)) for t in tensors)
 
 
 @dataclass
@@ -98,15 +108,17 @@ class IGIAAccumulator:
         ``scale`` multiplies the gradients first (a clipping / loss-scale factor the engine applies
         after the point where they are read)."""
         row = torch.zeros(len(self.keys), dtype=torch.float64)
+        s2 = float(scale) * float(scale)
         for key, grad in grads.items():
-            g = grad.detach().float()
-            sq = (g * scale if scale != 1.0 else g).square()
+            g = grad.detach()
+            if g.dtype != torch.float32:
+                g = g.float()
             acc = self.sum_sq.get(key)
             if acc is None:
-                self.sum_sq[key] = sq
+                self.sum_sq[key] = g.square().mul_(s2)
             else:
-                acc.add_(sq)
-            row[self._col[key]] = sq.sum(dtype=torch.float64).item()
+                acc.addcmul_(g, g, value=s2)  # one pass, no temporary
+            row[self._col[key]] = sq_norm(g) * s2
         self.step_sq_norms.append(row)
         self.steps += 1
 

@@ -95,7 +95,7 @@ def test_accelerate_launch_trainer_fsdp2_matches_single_process(tmp_path, single
     (``DistributedConfig(fsdp_size=2)``), which the Trainer trains without wrapping it again."""
     block = tmp_path / "block.json"
     block.write_text(json.dumps(BLOCK))
-    cmd = [tool("accelerate"), "launch", "--config_file", str(ROOT / "configs" / "accelerate_cpu2.yaml"),
+    cmd = [tool("accelerate"), "launch", "--config_file", str(ROOT / "configs" / "accelerate_fsdp2.yaml"),
            "--main_process_port", str(free_port()), SCRIPT, *COMMON, "--per_device_batch", "2", "--fsdp2",
            "--gradpruner_config", str(block), "--output_dir", str(tmp_path)]
     summary = check(tmp_path, launch(cmd))
