@@ -35,7 +35,9 @@ DEFAULT_TASK = ROOT.parent / "shared" / "data" / "bigbench" / "intent_recognitio
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default=str(DEFAULT_TASK), help="BIG-bench .json task file or PIQA folder")
-    p.add_argument("--tiny", action="store_true", help="a small random Llama over the SmolLM2 vocabulary (tests)")
+    p.add_argument(
+        "--tiny", action="store_true", help="a small random Llama over the SmolLM2 vocabulary (tests)"
+    )
     p.add_argument("--tiny_layers", type=int, default=8)
     p.add_argument("--output_dir", default="runs/trainer")
     p.add_argument("--max_steps", type=int, default=20)
@@ -45,10 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr_scheduler", default="linear", help="TrainingArguments.lr_scheduler_type")
     p.add_argument("--max_length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--deepspeed", default=None, metavar="PATH", help="DeepSpeed config (TrainingArguments.deepspeed)")
+    p.add_argument(
+        "--deepspeed", default=None, metavar="PATH", help="DeepSpeed config (TrainingArguments.deepspeed)"
+    )
     p.add_argument("--fsdp2", action="store_true", help="shard with FSDP2 at load time (DistributedConfig)")
-    p.add_argument("--gradpruner_config", default=None, metavar="PATH",
-                   help="JSON file with the gradpruner block (default: the DeepSpeed config's block)")
+    p.add_argument(
+        "--gradpruner_config",
+        default=None,
+        metavar="PATH",
+        help="JSON file with the gradpruner block (default: the DeepSpeed config's block)",
+    )
     p.add_argument("--no_gradpruner", action="store_true", help="plain fine-tuning (the baseline)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     return p
@@ -59,36 +67,35 @@ def _world() -> int:
 
 
 def load_model(args: argparse.Namespace, vocab_size: int) -> Any:
-    """The real SmolLM2-135M-Instruct, or the tiny random Llama of ``launch/train.py --tiny``.
-
-    Under ``--fsdp2`` the model goes through ``from_pretrained(..., distributed_config=...)`` so that
-    transformers shards it (and tells the Trainer it is already distributed)."""
+    """The real SmolLM2-135M-Instruct, or the tiny random Llama of ``launch/train.py --tiny`` (written
+    once by rank 0), always through ``from_pretrained`` as a user would: under ZeRO-3 transformers then
+    builds it inside ``deepspeed.zero.Init``, and under ``--fsdp2`` it shards it at load time
+    (``DistributedConfig``), which tells the Trainer the model is already distributed."""
+    import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
     from gradpruner_ds.models import load_smollm2, smollm2_cache_path
 
-    if not args.fsdp2:
-        if args.tiny:
-            from launch.train import tiny_model
-
-            return tiny_model(vocab_size, args.tiny_layers, args.seed)
-        return load_smollm2()[0]
-    from transformers.distributed import DistributedConfig
-
     src = smollm2_cache_path()
-    if args.tiny:  # rank 0 writes the tiny model once; every rank loads it sharded
+    if args.tiny:
         from launch.train import tiny_model
 
         src = Path(args.output_dir) / "tiny_init"
-        if not dist.is_initialized():
+        if _world() > 1 and not dist.is_initialized():
             dist.init_process_group("gloo")
-        if dist.get_rank() == 0:
+        if not dist.is_initialized() or dist.get_rank() == 0:
             tiny_model(vocab_size, args.tiny_layers, args.seed).save_pretrained(src)
-        dist.barrier()
+        if dist.is_initialized():
+            dist.barrier()
     elif not (src / "config.json").is_file():
-        load_smollm2()
-    return AutoModelForCausalLM.from_pretrained(src, distributed_config=DistributedConfig(fsdp_size=_world()))
+        load_smollm2()  # one-time conversion of the shipped GGUF file (file-locked)
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if args.fsdp2:
+        from transformers.distributed import DistributedConfig
+
+        kwargs["distributed_config"] = DistributedConfig(fsdp_size=_world())
+    return AutoModelForCausalLM.from_pretrained(src, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -152,6 +159,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         deepspeed=args.deepspeed,
         disable_tqdm=False,
     )
+    if args.deepspeed:
+        import deepspeed
+
+        # transformers builds the model under zero.Init (ZeRO-3), which reads the world size from
+        # DeepSpeed's communication layer: make it join the process group the Trainer's arguments made
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     model = load_model(args, len(tok))
     layers_before = model.config.num_hidden_layers
     trainer = Trainer(
@@ -177,8 +190,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        print(f"world {summary['world']} engine {summary['engine']}: layers {layers_before} -> "
-              f"{summary['layers_after']}; loss {summary['losses'][0]:.3f} -> {summary['losses'][-1]:.3f}")
+        print(
+            f"world {summary['world']} engine {summary['engine']}: layers {layers_before} -> "
+            f"{summary['layers_after']}; loss {summary['losses'][0]:.3f} -> {summary['losses'][-1]:.3f}"
+        )
     return summary
 
 
