@@ -227,6 +227,25 @@ def lora_probe_igia(args: argparse.Namespace, base: Any, batches: list) -> dict[
 
 
 # ---- arms ---------------------------------------------------------------------------------------------
+def window_fingerprint(win: dict[str, Any]) -> float:
+    """A checksum of the shared window state (model, optimizer, statistics) that arms must not change."""
+    total = 0.0
+
+    def visit(x: Any) -> None:
+        nonlocal total
+        if torch.is_tensor(x):
+            total += float(x.double().abs().sum()) if x.is_floating_point() else float(x.sum())
+        elif isinstance(x, dict):
+            for v in x.values():
+                visit(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                visit(v)
+
+    visit({k: v for k, v in win.items() if k != "meta"})
+    return total
+
+
 def data_order(arm: str) -> int:
     """The re-tuning data order of an arm (``#d<N>``; 0 = the shared fixed order)."""
     m = DENSE_RE.match(arm) or ARM_RE.match(arm)
@@ -244,7 +263,9 @@ def run_arm(
     model.load_state_dict(win["model"])
     model.train()
     opt = new_opt(model, args.lr)
-    opt.load_state_dict(win["opt"])
+    # a deep copy: Optimizer.load_state_dict keeps the given state tensors (same dtype and device), so
+    # this arm's Adam steps would otherwise update the shared window state that later arms start from
+    opt.load_state_dict(copy.deepcopy(win["opt"]))
     rec: dict[str, Any] = {"arm": arm, "data_order": data_order(arm)}
     if DENSE_RE.match(arm) is None:
         m = ARM_RE.match(arm)
@@ -272,10 +293,10 @@ def run_arm(
             from gradpruner_ds.core.igia import IGIAAccumulator
 
             lora_acc = IGIAAccumulator(keys=pruner.keys, mode="lora")
-            lora_acc.load_state_dict(win["lora_igia"])
+            lora_acc.load_state_dict(copy.deepcopy(win["lora_igia"]))
             pruner.acc = lora_acc
         else:
-            pruner.acc.load_state_dict(win["igia"])
+            pruner.acc.load_state_dict(copy.deepcopy(win["igia"]))
         if pruner.collector is not None:
             pruner.collector.remove()
             shared = ActivationCollector(model, win["act_spans"])
@@ -448,6 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
     retune_sets: dict[int, list] = {0: batches[args.window :]}
+    shared_before = window_fingerprint(win)
     for arm in todo:
         d = data_order(arm)
         if d not in retune_sets:  # another order of the train split for the re-tuning steps
@@ -455,6 +477,8 @@ def main(argv: list[str] | None = None) -> None:
                 tok, split, args.window + args.retune, args.batch, args.max_length, seed=1234 + d
             )[args.window :]
         rec = run_arm(arm, args, win, base, tok, retune_sets[d], split.test)
+        if window_fingerprint(win) != shared_before:  # every arm must start from the same state
+            raise SystemExit(f"arm {arm} changed the shared window state: results would depend on arm order")
         (out / "arms" / f"{arm}.json").write_text(json.dumps(rec, indent=1))
         print(
             f"{arm}: acc {rec['accuracy']:.3f} removed {rec.get('removed', '-')} "
