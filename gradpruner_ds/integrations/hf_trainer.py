@@ -219,7 +219,19 @@ class GradPrunerCallback(TrainerCallback):
 def add_gradpruner(
     trainer: Any, config: GradPrunerConfig | Mapping[str, Any] | None = None, *, save_final: bool = True
 ) -> GradPrunerCallback:
-    """Add a :class:`GradPrunerCallback` bound to ``trainer`` (works for every engine); returns it."""
+    """Add a :class:`GradPrunerCallback` bound to ``trainer`` (works for every engine); returns it.
+
+    The block is validated now, before any training work: ``config``, or else the ``"gradpruner"``
+    block of the Trainer's DeepSpeed config (``TrainingArguments.deepspeed``: a path or a dict)."""
+    if config is None:
+        ds = getattr(trainer.args, "deepspeed", None)
+        if not ds:
+            raise user_error(
+                "add_gradpruner needs a config when the Trainer runs without DeepSpeed",
+                None,
+                'pass add_gradpruner(trainer, {"prune_ratio": 0.3, ...})',
+            )
+        config = load_config(ds)
     cb = GradPrunerCallback(config, trainer=trainer, save_final=save_final)
     trainer.add_callback(cb)
     return cb

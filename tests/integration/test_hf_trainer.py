@@ -78,3 +78,27 @@ def test_trainer_callback_without_config_or_deepspeed_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="^gradpruner: GradPrunerCallback needs a config"):
         GradPrunerCallback().on_train_begin(Args(), None, None, model=tiny_llama(4))
+
+
+def test_add_gradpruner_validates_the_block_before_training(tmp_path):
+    from types import SimpleNamespace
+
+    from gradpruner_ds.integrations.hf_trainer import add_gradpruner
+
+    no_ds = SimpleNamespace(args=SimpleNamespace(deepspeed=None), add_callback=lambda cb: None)
+    with pytest.raises(ValueError, match="^gradpruner: add_gradpruner needs a config"):
+        add_gradpruner(no_ds)
+    typo = SimpleNamespace(
+        args=SimpleNamespace(deepspeed={"zero_optimization": {"stage": 2}, "grad_pruner": {"num_drop": 1}}),
+        add_callback=lambda cb: None,
+    )
+    with pytest.raises(ValueError, match="looks like a misspelling"):
+        add_gradpruner(typo)
+    added = []
+    ok = SimpleNamespace(
+        args=SimpleNamespace(deepspeed={"gradpruner": {"window_steps": 2, "num_drop": 1}}),
+        add_callback=added.append,
+    )
+    cb = add_gradpruner(ok)
+    assert added == [cb] and cb.config.num_drop == 1 and cb.trainer is ok
+    assert not any(tmp_path.iterdir())
