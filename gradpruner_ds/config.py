@@ -40,8 +40,8 @@ class GradPrunerConfig(BaseModel):
         "shortgpt_bi",
         description=(
             "Layer-importance criterion (higher = kept). Default 'shortgpt_bi' (block influence of the hidden "
-            "states over the window): the only criterion in the top group in every setting measured "
-            "(docs/results.md). PAPER-FAITHFUL: 'igia_sum' with mode 'lora' (the paper's LoRA-probe score; "
+            "states over the window): the lowest re-tuning loss over four tasks, accuracy within noise of the "
+            "best (docs/results.md). PAPER-FAITHFUL: 'igia_sum' with mode 'lora' (the paper's LoRA-probe score; "
             "reproduces arXiv 2601.19503) or mode 'full' (true gradients); 'igia_norm_sum' is the reference "
             "code's unsquared-norm variant. Also: 'igia_relative', 'obd', 'obd_residual', 'gate_fisher', "
             "'angular', 'reverse', 'random' (docs/criteria.md)."

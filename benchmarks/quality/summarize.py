@@ -59,15 +59,17 @@ def main() -> None:
             table[(name + rest, budget[: len(budget) - len(rest)])].append(
                 (task, 100 * (acc - d_acc), loss / d_loss, len(rs))
             )
+    short = {"intent_recognition": "intent", "social_iqa": "siqa", "multiemo": "memo", "piqa": "piqa"}
+    table = {k: [(short.get(t, t), *rest) for t, *rest in v] for k, v in table.items()}
     lines = [
-        "| arm | budget | tasks (k) | runs | accuracy vs dense, mean over tasks (pt) | per task (pt) "
-        "| re-tune loss / dense, mean over tasks |",
+        "| arm | budget | tasks (k) | runs | accuracy vs dense, mean over tasks (pt) "
+        "| per task: accuracy vs dense (pt) (re-tune loss / dense) | re-tune loss / dense, mean over tasks |",
         "|---|---|---|---|---|---|---|",
     ]
     order = sorted(table, key=lambda k: (k[1], -len(table[k]), -sum(x[1] for x in table[k]) / len(table[k])))
     for name, budget in order:
         rows = table[(name, budget)]
-        per = ", ".join(f"{t} {d:+.1f}" for t, d, _, _ in sorted(rows))
+        per = ", ".join(f"{t} {d:+.1f} ({lr:.1f}x)" for t, d, lr, _ in sorted(rows))
         mean_d = sum(r[1] for r in rows) / len(rows)
         mean_l = sum(r[2] for r in rows) / len(rows)
         lines.append(
