@@ -98,9 +98,8 @@ def resolve_config(args: argparse.Namespace, ds_config: Mapping[str, Any] | None
         load_config(ds, required=False)  # validates a present block and catches a misspelled one
         return None
     if block_path is not None:
-        if (
-            BLOCK_NAME not in ds
-        ):  # the overridden block itself is not used; a misspelled one is still an error
+        # the overridden block itself is not used; a misspelled one is still an error
+        if BLOCK_NAME not in ds:
             load_config(ds, required=False)
         return GradPrunerConfig.from_dict(read_block_file(block_path))
     cfg = load_config(ds, required=True)

@@ -178,7 +178,6 @@ class GradPrunerCallback(TrainerCallback):
         backend: Any = self.pruner.backend  # a DeepSpeedBackend
         backend.engine = old  # one object from here on, whichever name is used
         trainer.optimizer.optimizer = old.optimizer  # accelerate's DeepSpeedOptimizerWrapper
-        trainer.accelerator.deepspeed_engine_wrapped.engine = old
 
     # ---- end -------------------------------------------------------------------------------------
     def on_train_end(

@@ -72,7 +72,10 @@ def same_run(a: dict[str, Any], b: dict[str, Any]) -> None:
 
 def test_single_process_trainer_prunes(single):
     out, summary = single
-    assert summary["engine"] == "single" and summary["plan"]["dropped"] == [6, 7]
+    plan = summary["plan"]
+    order = sorted(range(LAYERS), key=lambda i: plan["scores"][i])  # the lowest scores go first
+    assert summary["engine"] == "single"
+    assert sorted(plan["dropped"]) == sorted(order[:2]) and plan["merged"] == order[2:3]
     report = json.loads((out / "gradpruner" / "gradpruner_report.json").read_text())
     assert report["params_after"] < report["params_before"]
 
