@@ -21,7 +21,10 @@ def main() -> None:
     ap.add_argument("--micro", type=int, required=True)
     ap.add_argument("--seq", type=int, required=True)
     ap.add_argument("--vocab", type=int, required=True)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     args = ap.parse_args()
+    os.environ["DS_ACCELERATOR"] = args.device
 
     import torch
     import torch.distributed as dist
@@ -29,17 +32,24 @@ def main() -> None:
 
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
+    backend = "gloo"
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        backend = "nccl"
     g = torch.Generator().manual_seed(rank)
-    ids = torch.randint(0, args.vocab, (args.micro, args.seq), generator=g)
+    ids = torch.randint(0, args.vocab, (args.micro, args.seq), generator=g).to(args.device)
     model = LlamaForCausalLM.from_pretrained(args.model_dir)
     opt_cls = torch.optim.AdamW
     if args.engine == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend)
+        model.to(args.device)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kw = {"mp_policy": mp} if args.dtype == "bf16" else {}
         for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, **kw)
+        fully_shard(model, **kw)
         opt = opt_cls(model.parameters(), lr=1e-4)
         model(input_ids=ids, labels=ids).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -49,8 +59,9 @@ def main() -> None:
 
         from gradpruner_ds.backends.deepspeed import skip_cpu_shm_comm_build
 
-        skip_cpu_shm_comm_build()
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        if args.device == "cpu":
+            skip_cpu_shm_comm_build()
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
         stage = int(args.engine[-1])
         cfg = {
             "train_micro_batch_size_per_gpu": args.micro,
@@ -60,6 +71,8 @@ def main() -> None:
                                   "stage3_prefetch_bucket_size": 2e6, "stage3_param_persistence_threshold": 1e4},
             "steps_per_print": 10**9,
         }  # fmt: skip
+        if args.dtype == "bf16":
+            cfg["bf16"] = {"enabled": True}
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=opt_cls(model.parameters(), lr=1e-4), config=cfg
         )

@@ -12,6 +12,11 @@ For each engine (ZeRO-1/2/3, FSDP2), on N gloo ranks (CPU) and a Llama model of 
 * collectives (count, bytes) issued by GradPruner during observation and during the prune.
 
 Usage: python benchmarks/speed/run.py --engines zero1 zero2 zero3 fsdp2 --out docs/benchmarks/speed.json
+
+On CUDA (``--device cuda --dtype bf16``): NCCL ranks, one GPU each (``--world`` <= GPUs), bf16 mixed
+precision (DeepSpeed ``bf16``, FSDP2 ``MixedPrecisionPolicy``), step times synchronised, and the CUDA
+memory allocated after / before the prune next to the RSS. ``benchmarks/speed/cuda.sh`` is the prepared
+GPU run.
 """
 
 from __future__ import annotations
@@ -55,12 +60,18 @@ def model_config(args: argparse.Namespace):
 
 def batch(args: argparse.Namespace, step: int, rank: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * (step + 100) + rank)
-    ids = torch.randint(0, args.vocab, (args.micro, args.seq), generator=g)
+    ids = torch.randint(0, args.vocab, (args.micro, args.seq), generator=g).to(args.device)
     return {"input_ids": ids, "labels": ids}
 
 
-def ds_config(stage: int) -> dict:
-    return {
+def sync(args: argparse.Namespace) -> None:
+    """Wait for the GPU before a clock is read (CUDA kernels run asynchronously)."""
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def ds_config(stage: int, bf16: bool = False) -> dict:
+    cfg = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
@@ -73,6 +84,9 @@ def ds_config(stage: int) -> dict:
         },
         "steps_per_print": 10**9,
     }
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    return cfg
 
 
 class Runner:
@@ -81,17 +95,20 @@ class Runner:
     def __init__(self, name: str, model: torch.nn.Module, args: argparse.Namespace) -> None:
         self.name, self.args = name, args
         if name == "fsdp2":
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+            model.to(args.device)
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            kw = {"mp_policy": mp} if args.dtype == "bf16" else {}
             for layer in model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
+                fully_shard(layer, **kw)
+            fully_shard(model, **kw)
             self.module = model
             self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         else:
             import deepspeed
 
-            self.cfg = ds_config(int(name[-1]))
+            self.cfg = ds_config(int(name[-1]), bf16=args.dtype == "bf16")
             self.cfg["train_micro_batch_size_per_gpu"] = args.micro
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             self.engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=self.cfg)
@@ -125,6 +142,7 @@ class Runner:
                 if pruner is not None:
                     pruner.observe()
                 self.engine.step()
+            sync(self.args)
             out.append(time.perf_counter() - t0)
         return out
 
@@ -151,6 +169,15 @@ class Runner:
         return sum(p.numel() for p in self.module.parameters())  # a DTensor's numel is the global one
 
 
+def gpu_bytes(args: argparse.Namespace) -> int:
+    """CUDA memory held by tensors on this rank's GPU (0 on CPU)."""
+    if args.device != "cuda":
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return int(torch.cuda.memory_allocated())
+
+
 def bench_rank(rank: int, world: int, name: str, args: argparse.Namespace, workdir: str) -> dict:
     from transformers import LlamaForCausalLM
 
@@ -174,16 +201,18 @@ def bench_rank(rank: int, world: int, name: str, args: argparse.Namespace, workd
     obs_time: list[float] = []
 
     def counted_observe() -> None:  # GradPruner's own collectives only, not the engine's
+        sync(args)
         t = time.perf_counter()
         with count_collectives() as calls:
             observe()
+        sync(args)
         obs_time.append(time.perf_counter() - t)
         obs_calls.extend(calls)
 
     pruner.observe = counted_observe
     observed = run.steps(1 + n, n, rank, pruner)
     release_memory()
-    rss_before, live_before = rss_bytes(), live_tensor_bytes()
+    rss_before, live_before, gpu_before = rss_bytes(), live_tensor_bytes(), gpu_bytes(args)
     # restart pipeline, part 1: the checkpoint the reference workflow would need
     t0 = time.perf_counter()
     run.save_checkpoint(workdir)
@@ -192,10 +221,11 @@ def bench_rank(rank: int, world: int, name: str, args: argparse.Namespace, workd
     t0 = time.perf_counter()
     with count_collectives() as prune_calls:
         run.prune(pruner)
+    sync(args)
     t_prune = time.perf_counter() - t0
     first = run.steps(1 + 2 * n, 1, rank, pruner)[0]
     release_memory()
-    rss_after, live_after = rss_bytes(), live_tensor_bytes()
+    rss_after, live_after, gpu_after = rss_bytes(), live_tensor_bytes(), gpu_bytes(args)
     post = run.steps(2 + 2 * n, n, rank, pruner)
     plan = pruner.plan.to_dict()
     return {
@@ -212,6 +242,8 @@ def bench_rank(rank: int, world: int, name: str, args: argparse.Namespace, workd
         "rss_after": rss_after,
         "live_tensor_bytes_before": live_before,
         "live_tensor_bytes_after": live_after,
+        "cuda_allocated_before": gpu_before,
+        "cuda_allocated_after": gpu_after,
         "observe_collectives": len(obs_calls),
         "observe_bytes": sum(b for _, b in obs_calls),
         "prune_collectives": len(prune_calls),
@@ -264,9 +296,9 @@ def relaunch(name: str, workdir: str, args: argparse.Namespace) -> float:
         "--nproc_per_node", str(args.world), "--master_port", str(free_port()),
         str(Path(__file__).with_name("relaunch.py")), "--engine", name, "--model_dir",
         str(Path(workdir) / "pruned_hf"), "--micro", str(args.micro), "--seq", str(args.seq),
-        "--vocab", str(args.vocab),
+        "--vocab", str(args.vocab), "--device", args.device, "--dtype", args.dtype,
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=args.device)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     wall = time.perf_counter() - t0
@@ -293,16 +325,29 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before the plain phase")
     ap.add_argument("--prune_ratio", type=float, default=0.375)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "speed.json")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: NCCL ranks, one GPU each")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: mixed precision")
     args = ap.parse_args()
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("gradpruner: --device cuda needs a CUDA GPU; none is visible (use --device cpu)")
+        if args.world > torch.cuda.device_count():
+            raise SystemExit(
+                f"gradpruner: --world {args.world} needs one GPU per rank, {torch.cuda.device_count()} visible "
+                f"(NCCL cannot put two ranks on one GPU); pass --world {torch.cuda.device_count()} or fewer"
+            )
+    os.environ["DS_ACCELERATOR"] = args.device  # before deepspeed is imported (ranks inherit it)
     torch.set_num_threads(1)
     import deepspeed  # noqa: F401  (import once in the parent: forked ranks share it)
+
+    backend = "nccl" if args.device == "cuda" else "gloo"
 
     results = {}
     wall0 = time.perf_counter()
     for name in args.engines:
         workdir = tempfile.mkdtemp(prefix=f"gp_speed_{name}_")
         try:
-            ranks = run_ranks(bench_rank, args.world, name, args, workdir, timeout=1800)
+            ranks = run_ranks(bench_rank, args.world, name, args, workdir, timeout=1800, backend=backend)
             r = {
                 k: max(x[k] for x in ranks) if isinstance(ranks[0][k], float) else ranks[0][k]
                 for k in ranks[0]
@@ -327,6 +372,10 @@ def main() -> None:
                 ratio_tensor_bytes_after_over_before=r["live_tensor_bytes_after"]
                 / r["live_tensor_bytes_before"],
             )
+            if args.device == "cuda":
+                r["ratio_cuda_allocated_after_over_before"] = (
+                    r["cuda_allocated_after"] / r["cuda_allocated_before"]
+                )
             results[name] = r
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -338,8 +387,9 @@ def main() -> None:
     print(
         "| engine | observed/plain step (observe() call) | post-prune/dense step (kept params) | in-place/restart | RSS after/before "
         "| tensor bytes after/before | GradPruner collectives: observe (count, MB) / prune + re-partition |"
+        + (" CUDA allocated after/before |" if args.device == "cuda" else "")
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|" + ("---|" if args.device == "cuda" else ""))
     for name, r in results.items():
         print(
             f"| {name} | {r['ratio_observed_over_plain']:.3f} ({r['ratio_observe_call_over_plain']:.3f}) "
@@ -349,6 +399,7 @@ def main() -> None:
             f"| {r['ratio_rss_after_over_before']:.3f} | {r['ratio_tensor_bytes_after_over_before']:.3f} "
             f"| {r['observe_collectives']}, {r['observe_bytes'] / 1e6:.3f} / "
             f"{r['prune_collectives']}, {r['prune_bytes'] / 1e6:.1f} |"
+            + (f" {r['ratio_cuda_allocated_after_over_before']:.3f} |" if args.device == "cuda" else "")
         )
     print(f"wall time {time.perf_counter() - wall0:.0f} s; JSON: {args.out}")
 

@@ -1,4 +1,5 @@
-"""Run a function on N real gloo ranks (forked processes that share the parent's imports)."""
+"""Run a function on N real ranks: gloo by default (forked processes that share the parent's imports),
+or NCCL on CUDA (spawned processes, one GPU each) for the benchmarks' GPU runs."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, q: Any, barrier: bool) -> None:
+def _entry(
+    fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, q: Any, barrier: bool, backend: str
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -43,8 +46,11 @@ def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple
 
         from gradpruner_ds.backends.deepspeed import skip_cpu_shm_comm_build
 
-        skip_cpu_shm_comm_build()
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        else:
+            skip_cpu_shm_comm_build()
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
         result = fn(rank, world, *args)
         q.put((rank, "ok", result))
         if barrier:
@@ -60,17 +66,26 @@ def _entry(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple
 
 
 def run_ranks(
-    fn: Callable[..., Any], world: int, *args: Any, timeout: float = 240.0, barrier: bool = True
+    fn: Callable[..., Any],
+    world: int,
+    *args: Any,
+    timeout: float = 240.0,
+    barrier: bool = True,
+    backend: str = "gloo",
 ) -> list[Any]:
     """``fn(rank, world, *args)`` on ``world`` ranks; returns the per-rank results (rank order).
 
     Raises AssertionError with the failing rank's traceback, or on timeout (the ranks are killed).
     ``barrier=False`` skips the closing barrier (for tests that leave a collective unmatched).
+    ``backend="nccl"``: spawned ranks (CUDA cannot be used in a forked child), rank r on GPU r; ``fn`` and
+    ``args`` must then be picklable (module-level function, main module guarded by ``__main__``).
     """
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn" if backend == "nccl" else "fork")
     q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, args, q, barrier)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_entry, args=(fn, r, world, port, args, q, barrier, backend)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
