@@ -27,7 +27,9 @@ Every entry is a sum over tokens, so the tables of disjoint data shards (data-pa
 micro-batches) add up to the table of the whole batch: one all-reduce (SUM) gives exact global means.
 
 The hooks only collect while the model is in training mode, cost nothing once :meth:`remove` is called,
-and keep at most ``max(spans) + 1`` normalised hidden states alive during a forward.
+and keep references to at most ``max(spans) + 1`` hidden states during a forward (held by autograd
+anyway) plus one normalised copy (the last layer output, reused as the next layer's input). On an
+accelerator the sums stay on the device until :meth:`table` (no host sync per layer).
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ class ActivationCollector:
         self._table = torch.zeros(2 * len(self.spans) + 4, self.num_layers, dtype=torch.float64)
         self._mask: torch.Tensor | None = None
         self._states: dict[int, torch.Tensor] = {}
+        self._unit_out: tuple[torch.Tensor, torch.Tensor] | None = None  # (last output, normalised)
+        self._dev_table: torch.Tensor | None = None  # sums on an accelerator, see _acc
         self.forwards = 0
         self._handles: list[RemovableHandle] = [
             hf.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
@@ -137,34 +141,69 @@ class ActivationCollector:
         return hook
 
     @torch.no_grad()
+    def _acc(self, device: torch.device) -> torch.Tensor:
+        """Where this forward's sums go: the table itself on CPU; a float64 twin on an accelerator (no
+        device-to-host copy, hence no sync, per layer; :meth:`table` adds it in)."""
+        if device.type == "cpu":
+            return self._table
+        if self._dev_table is None or self._dev_table.device != device:
+            if self._dev_table is not None:
+                self._table += self._dev_table.cpu()
+            self._dev_table = torch.zeros_like(self._table, device=device)
+        return self._dev_table
+
+    @staticmethod
+    def _unit(h: torch.Tensor) -> torch.Tensor:
+        """``h / ||h||`` per token, in fp32 (the cosine of two states is then a dot product)."""
+        h = h.float()
+        return h / torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(1e-8)
+
     def _observe(self, idx: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
         if idx == 0:
             self._states = {}
+            self._unit_out = None
             self.forwards += 1
         mask = self._token_mask(h_out)
+        w = None if mask is None else mask.to(torch.float64)
         self._states[idx] = h_in
         end = idx + 1  # h_out is the state at boundary idx + 1
+        # the previous layer's output is (normally) this layer's input: normalised once, reused
+        last = self._unit_out
+        u_in = last[1] if last is not None and last[0] is h_in else None
+        u_out = self._unit(h_out)
+        acc = self._acc(h_out.device)
         for si, span in enumerate(self.spans):
             start = end - span
             if start < 0 or start not in self._states:
                 continue
-            stats = pair_stats(self._states[start], h_out, mask)
+            if span == 1:
+                if u_in is None:
+                    u_in = self._unit(h_in)
+                u_start = u_in
+            else:
+                u_start = self._unit(self._states[start])
+            cos = (u_start * u_out).sum(-1).double().clamp(-1.0, 1.0)
+            bi, ang = 1.0 - cos, torch.arccos(cos) / math.pi
+            if w is not None:
+                bi, ang = bi * w, ang * w
             r_bi, r_ang = table_rows(si)
-            self._table[r_bi, start] += stats[0].cpu()
-            self._table[r_ang, start] += stats[1].cpu()
-        self._table[-1, idx] += float(mask.sum()) if mask is not None else float(h_out.shape[:-1].numel())
+            acc[r_bi, start] += bi.sum()
+            acc[r_ang, start] += ang.sum()
+        acc[-1, idx] += w.sum() if w is not None else float(h_out.shape[:-1].numel())
+        self._unit_out = (h_out, u_out)
         # keep only the states a later block can still start from
         oldest = end - self.spans[-1] + 1
         for k in [k for k in self._states if k < oldest]:
             del self._states[k]
         if idx == self.num_layers - 1:
             self._states = {}
+            self._unit_out = None
 
     def _gate_hook(
         self, idx: int, h_out: torch.Tensor, h_in: torch.Tensor, mask: torch.Tensor | None
     ) -> None:
         delta = (h_out.detach() - h_in.detach()).float()
-        table = self._table
+        table = self._acc(h_out.device)
 
         def on_grad(grad: torch.Tensor) -> None:
             if not self._handles:  # removed: a backward after the window records nothing
@@ -173,16 +212,19 @@ class ActivationCollector:
             if mask is not None:
                 prod = prod * mask.to(prod.dtype)
             per_seq = prod.reshape(prod.shape[0], -1).sum(-1).double() if prod.dim() > 1 else prod.double()
-            table[GATE_SQ_ROW, idx] += per_seq.square().sum().cpu()
-            table[GATE_SUM_ROW, idx] += per_seq.sum().cpu()
+            table[GATE_SQ_ROW, idx] += per_seq.square().sum()
+            table[GATE_SUM_ROW, idx] += per_seq.sum()
             table[GATE_COUNT_ROW, idx] += float(per_seq.numel())
 
         h_out.register_hook(on_grad)  # lives and dies with this forward's graph
 
     # ---- results --------------------------------------------------------------------------------
     def table(self) -> torch.Tensor:
-        """This process's partial table (a copy; see the module docstring for the layout)."""
-        return self._table.clone()
+        """This process's partial table (a CPU copy; see the module docstring for the layout)."""
+        out = self._table.clone()
+        if self._dev_table is not None:
+            out += self._dev_table.cpu()
+        return out
 
     def remove(self) -> None:
         """Remove every hook and free the buffered states (idempotent)."""
@@ -190,6 +232,7 @@ class ActivationCollector:
             h.remove()
         self._handles = []
         self._states = {}
+        self._unit_out = None
         self._mask = None
 
     @property

@@ -33,7 +33,7 @@ from gradpruner_ds.arch import (
 )
 from gradpruner_ds.backends.base import Backend
 from gradpruner_ds.config import GradPrunerConfig
-from gradpruner_ds.core.igia import IGIAAccumulator, Key, keys_for
+from gradpruner_ds.core.igia import IGIAAccumulator, Key, keys_for, sq_norms
 from gradpruner_ds.core.merge import MergeRule, keep_count, kth_largest, topk_mask
 from gradpruner_ds.core.plan import PrunePlan, make_plan
 from gradpruner_ds.core.scoring import ScoreContext, get_criterion, layer_scores, partial_table
@@ -162,9 +162,10 @@ class GradPruner:
         assert self.acc is not None
         if self.mode == "full":
             grads = self.backend.full_grads(self.weights)
-            ok, scale = self.backend.step_check(grads.values())
+            norms = sq_norms(grads.values())  # one read of each gradient piece, one host sync
+            ok, scale = self.backend.step_check(grads.values(), norms, self.weights.values())
             if ok:
-                self.acc.add_full_step(grads, scale)
+                self.acc.add_full_step(grads, scale, norms)
         else:
             lgrads = self.backend.lora_grads(self.factors)
             ok, scale = self.backend.step_check(t for pair in lgrads.values() for t in pair)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from gradpruner_ds.core.igia import Key, all_finite
+from gradpruner_ds.core.igia import Key, sq_norms
 from gradpruner_ds.core.merge import MergeRule, merge_
 from gradpruner_ds.core.plan import PrunePlan
 
@@ -42,11 +42,23 @@ class Backend:
     def check_plan(self, plan: PrunePlan, timeout_s: float) -> None:
         """Fail on every rank if any rank holds a different plan (no-op in one process)."""
 
-    def step_check(self, observed: Iterable[torch.Tensor]) -> tuple[bool, float]:
+    def step_check(
+        self,
+        observed: Iterable[torch.Tensor],
+        norms: torch.Tensor | None = None,
+        params: Collection[nn.Parameter] = (),
+    ) -> tuple[bool, float]:
         """``(ok, scale)`` for the gradients of this step: ok iff every rank's are finite; ``scale``
         turns the gradients read into the ones the optimizer applies (loss-scale and clipping factor
-        when the engine applies them after our read; 1.0 when the user already clipped)."""
-        return self.all_true(all_finite(observed)), 1.0
+        when the engine applies them after our read; 1.0 when the user already clipped).
+
+        ``norms``: :func:`~gradpruner_ds.core.igia.sq_norms` of ``observed`` when the caller has them
+        (then the gradients are not read again); ``params``: the parameters whose local gradient
+        pieces ``observed`` are (from :meth:`full_grads`), for backends that need every trainable
+        gradient's norm and can then skip these."""
+        if norms is None:
+            norms = sq_norms(observed)
+        return self.all_true(bool(torch.isfinite(norms).all())), 1.0
 
     # ---- reading gradients and weights ------------------------------------------------------------
     def full_grads(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, torch.Tensor]:

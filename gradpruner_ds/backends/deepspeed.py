@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ from torch import nn
 
 from gradpruner_ds.backends.base import MergeGroup
 from gradpruner_ds.backends.sharded import ShardedBackend
-from gradpruner_ds.core.igia import Key, sq_norm
+from gradpruner_ds.core.igia import Key, sq_norms
 from gradpruner_ds.core.merge import MergeRule, merge_
 from gradpruner_ds.diagnostics import release_memory
 from gradpruner_ds.errors import user_error
@@ -116,13 +116,23 @@ class DeepSpeedBackend(ShardedBackend):
     def _trainable(self) -> list[nn.Parameter]:
         return [p for p in self.engine.module.parameters() if p.requires_grad]
 
-    def step_check(self, observed: Iterable[torch.Tensor]) -> tuple[bool, float]:
+    def step_check(
+        self,
+        observed: Iterable[torch.Tensor],
+        norms: torch.Tensor | None = None,
+        params: Collection[nn.Parameter] = (),
+    ) -> tuple[bool, float]:
         """One all-reduce: the squared norm of ALL trainable gradients (non-finite iff any entry is), from which
-        the engine's clipping factor (applied later, inside ``engine.step``) is recomputed."""
-        del observed  # the norm needs every trainable gradient, which includes the observed ones
-        stats = torch.zeros(1, dtype=torch.float64)
-        for p in self._trainable():
-            stats[0] += sq_norm(self._local_grad(p))  # inf/nan if any entry is: no separate finite pass
+        the engine's clipping factor (applied later, inside ``engine.step``) is recomputed. With ``norms``
+        and ``params`` (the local pieces' norms of the observed weights) only the other trainable
+        gradients are read here."""
+        skip: set[int] = set()
+        total = torch.zeros((), dtype=torch.float64)
+        if norms is not None and params:
+            skip = {id(p) for p in params}
+            total += norms.sum()
+        rest = [self._local_grad(p) for p in self._trainable() if id(p) not in skip]
+        stats = (total + sq_norms(rest).sum()).reshape(1)  # inf/nan if any entry is: no separate pass
         self.all_reduce_sum_(stats)
         if not math.isfinite(float(stats[0])):
             return False, 1.0

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gradpruner_ds.backends.sharded import ShardedBackend
-from gradpruner_ds.core.igia import Key, all_finite
+from gradpruner_ds.core.igia import Key
 from gradpruner_ds.diagnostics import release_memory
 from gradpruner_ds.errors import user_error
 
@@ -55,9 +55,6 @@ class FSDP2Backend(ShardedBackend):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-
-    def step_check(self, observed: Any) -> tuple[bool, float]:
-        return self.all_true(all_finite(observed)), 1.0
 
     # ---- this rank's pieces ----------------------------------------------------------------------------
     def _frag(self, p: nn.Parameter) -> tuple[int, int]:

@@ -17,7 +17,6 @@ come from one table that adds up over shards.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,18 +58,34 @@ def product_flat_slice(b: torch.Tensor, a: torch.Tensor, offset: int, numel: int
     return rows[start : start + numel]
 
 
-def sq_norm(t: torch.Tensor) -> float:
-    """Squared L2 norm in one read pass (``dot(t, t)``, no temporary for fp32 tensors). Non-finite iff
-    some entry is inf/nan (or squares beyond the fp32 range, ~1.8e19: treated as non-finite too)."""
+def _sq_norm_t(t: torch.Tensor) -> torch.Tensor:
     flat = t.detach().reshape(-1)
     if flat.dtype != torch.float32:
         flat = flat.float()
-    return float(torch.dot(flat, flat)) if flat.numel() else 0.0
+    return torch.dot(flat, flat) if flat.numel() else flat.new_zeros(())
+
+
+def sq_norm(t: torch.Tensor) -> float:
+    """Squared L2 norm in one read pass (``dot(t, t)``, no temporary for fp32 tensors). Non-finite iff
+    some entry is inf/nan (or squares beyond the fp32 range, ~1.8e19: treated as non-finite too)."""
+    return float(_sq_norm_t(t))
+
+
+def sq_norms(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """:func:`sq_norm` of each tensor as a float64 CPU vector, computed where the tensors live and
+    copied to the host once (one device sync per call, not one per tensor)."""
+    parts = [_sq_norm_t(t) for t in tensors]
+    if not parts:
+        return torch.zeros(0, dtype=torch.float64)
+    devices = {x.device for x in parts}
+    if len(devices) == 1:
+        return torch.stack(parts).double().cpu()
+    return torch.stack([x.double().cpu() for x in parts])
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """True when every tensor holds only finite values (a step with inf/nan gradients is not observed)."""
-    return all(math.isfinite(sq_norm(t)) for t in tensors)
+    return bool(torch.isfinite(sq_norms(tensors)).all())
 
 
 @dataclass
@@ -102,13 +117,20 @@ class IGIAAccumulator:
         """Record a step that is not observed (non-finite gradients, loss-scaler overflow)."""
         self.skipped += 1
 
-    def add_full_step(self, grads: Mapping[Key, torch.Tensor], scale: float = 1.0) -> None:
+    def add_full_step(
+        self, grads: Mapping[Key, torch.Tensor], scale: float = 1.0, norms: torch.Tensor | None = None
+    ) -> None:
         """Observe one step of true gradients (local shards; any shape, flat shards included).
 
         ``scale`` multiplies the gradients first (a clipping / loss-scale factor the engine applies
-        after the point where they are read)."""
-        row = torch.zeros(len(self.keys), dtype=torch.float64)
+        after the point where they are read). ``norms``: :func:`sq_norms` of ``grads.values()`` (in
+        that order) when the caller already has them (the step check needs them too)."""
         s2 = float(scale) * float(scale)
+        if norms is None:
+            norms = sq_norms(grads.values())
+        row = torch.zeros(len(self.keys), dtype=torch.float64)
+        for (key, _), n2 in zip(grads.items(), norms.tolist(), strict=True):
+            row[self._col[key]] = n2 * s2
         for key, grad in grads.items():
             g = grad.detach()
             if g.dtype != torch.float32:
@@ -118,7 +140,6 @@ class IGIAAccumulator:
                 self.sum_sq[key] = g.square().mul_(s2)
             else:
                 acc.addcmul_(g, g, value=s2)  # one pass, no temporary
-            row[self._col[key]] = sq_norm(g) * s2
         self.step_sq_norms.append(row)
         self.steps += 1
 

@@ -280,3 +280,32 @@ def test_merge_sign_test_survives_bf16_underflow():
     sign_consistent_merge_(target, [(tiny.clone(), torch.tensor([True]))])
     assert target.item() == pytest.approx(2 * tiny.item(), rel=1e-2)
     assert math.isfinite(target.item())
+
+
+def test_sq_norms_batches_the_norms_and_flags_non_finite_tensors():
+    from gradpruner_ds.core.igia import all_finite, sq_norm, sq_norms
+
+    ts = [torch.randn(5, 3), torch.randn(7).to(torch.bfloat16), torch.zeros(0)]
+    out = sq_norms(ts)
+    assert out.dtype == torch.float64 and out.shape == (3,)
+    for t, n in zip(ts, out.tolist(), strict=True):
+        assert n == pytest.approx(sq_norm(t), rel=1e-6)
+        assert n == pytest.approx(float(t.double().square().sum()), rel=1e-3)
+    assert sq_norms([]).shape == (0,)
+    assert all_finite(ts)
+    assert not all_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
+    assert not all_finite([torch.tensor([float("inf")])])
+
+
+def test_add_full_step_with_given_norms_equals_computing_them():
+    from gradpruner_ds.core.igia import sq_norms
+
+    keys = [(0, "mlp.down_proj"), (1, "mlp.down_proj")]
+    grads = {k: torch.randn(4, 6) for k in keys}
+    a = IGIAAccumulator(keys=keys, mode="full")
+    b = IGIAAccumulator(keys=keys, mode="full")
+    a.add_full_step(grads, 0.5)
+    b.add_full_step(grads, 0.5, sq_norms(grads.values()))
+    torch.testing.assert_close(a.sq_norm_table(), b.sq_norm_table())
+    for k in keys:
+        torch.testing.assert_close(a.igia(k), b.igia(k))
