@@ -1,13 +1,16 @@
-"""Cross-task summary of quality-harness results: one row per arm (data orders and random seeds pooled),
-one column group per budget, averaged over the tasks that ran it.
+"""Cross-task summary of quality-harness results: one row per arm and budget, averaged over the tasks
+that ran it, with the spread over its runs (re-tuning data orders ``#d<N>``, random seeds ``#s<N>``).
 
     python benchmarks/quality/summarize.py benchmarks/quality/results/{intent_recognition,piqa,social_iqa,multiemo} \
         benchmarks/quality/results/{intent_recognition,piqa,social_iqa,multiemo}_b20 --out docs/benchmarks/quality_summary.md
 
-Per task the arm's accuracy is its mean over runs (seeds / data orders) minus the dense arm's mean in the
-same folder; "loss ratio" is the arm's mean re-tuning loss (last 3 steps) over the dense one's. The
-table averages these per-task numbers over the tasks (``k`` = how many tasks have the arm), and counts
-in how many of them the arm is at or above every baseline arm of that folder.
+Per task and run, the arm's accuracy minus the dense arm's accuracy with the same re-tuning data order
+(the mean of the dense runs when that order has no dense run), and its mean re-tuning loss (last 3
+steps) over the dense one's. Per task: mean and sample standard deviation over the runs. Over tasks: the
+mean of the per-task means, and the standard deviation over runs of the run-level task means (runs paired
+by their index: data order, seed) when every task has the same runs. "vs baselines": in how many tasks
+the arm's mean is at or above every baseline arm's mean at the same budget, and whether its cross-task
+mean is at or above every baseline's.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
 BASELINES = ("reverse", "random", "angular", "shortgpt_bi")
+SHORT = {"intent_recognition": "intent", "social_iqa": "siqa", "multiemo": "memo", "piqa": "piqa"}
 
 
 def runs(folder: Path) -> dict[str, list[dict]]:
@@ -34,46 +39,97 @@ def loss3(rec: dict) -> float:
     return sum(rec["retune_losses"][-3:]) / 3
 
 
+def run_id(rec: dict) -> tuple[int, int]:
+    return int(rec.get("data_order", 0)), int(rec.get("seed", 0))
+
+
+def sd(xs: list[float]) -> float | None:
+    return statistics.stdev(xs) if len(xs) > 1 else None
+
+
+def fmt_sd(x: float | None) -> str:
+    return "" if x is None else f" ± {x:.1f}"
+
+
+class Cell:
+    """One arm at one budget on one task: its runs' accuracy deltas and loss ratios vs dense."""
+
+    def __init__(self, task: str, deltas: dict[tuple[int, int], float], ratios: list[float]) -> None:
+        self.task, self.deltas, self.ratios = task, deltas, ratios
+        self.mean = statistics.fmean(deltas.values())
+        self.sd = sd(list(deltas.values()))
+        self.loss = statistics.fmean(ratios)
+
+
+def collect(folders: list[Path]) -> dict[tuple[str, str], list[Cell]]:
+    """(arm without budget and run suffix, budget) -> one cell per task."""
+    table: dict[tuple[str, str], list[Cell]] = defaultdict(list)
+    for folder in folders:
+        groups = runs(folder)
+        if "dense" not in groups:
+            continue
+        dense_acc = {r.get("data_order", 0): r["accuracy"] for r in groups["dense"]}
+        dense_loss = {r.get("data_order", 0): loss3(r) for r in groups["dense"]}
+        mean_acc, mean_loss = statistics.fmean(dense_acc.values()), statistics.fmean(dense_loss.values())
+        task = re.sub(r"_b\d+$", "", folder.name)
+        task = SHORT.get(task, task)
+        for arm, rs in groups.items():
+            deltas = {
+                run_id(r): 100 * (r["accuracy"] - dense_acc.get(r.get("data_order", 0), mean_acc)) for r in rs
+            }
+            ratios = [loss3(r) / dense_loss.get(r.get("data_order", 0), mean_loss) for r in rs]
+            if arm == "dense":
+                table[("dense", "-")].append(Cell(task, deltas, ratios))
+                continue
+            name, budget = arm.split("@", 1)
+            rest = re.sub(r"^[0-9.]+", "", budget)
+            table[(name + rest, budget[: len(budget) - len(rest)])].append(Cell(task, deltas, ratios))
+    return table
+
+
+def cross_task_sd(cells: list[Cell]) -> float | None:
+    """SD over runs of the run-level cross-task means, when every task has the same run ids."""
+    ids = set(cells[0].deltas)
+    if any(set(c.deltas) != ids for c in cells) or len(ids) < 2:
+        return None
+    return sd([statistics.fmean(c.deltas[i] for c in cells) for i in sorted(ids)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folders", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    # (arm without budget, budget) -> per task (delta acc, loss ratio, n runs)
-    table: dict[tuple[str, str], list[tuple[str, float, float, int]]] = defaultdict(list)
-    for folder in args.folders:
-        groups = runs(folder)
-        if "dense" not in groups:
-            continue
-        d_acc = sum(r["accuracy"] for r in groups["dense"]) / len(groups["dense"])
-        d_loss = sum(loss3(r) for r in groups["dense"]) / len(groups["dense"])
-        task = re.sub(r"_b\d+$", "", folder.name)
-        for arm, rs in groups.items():
-            if arm == "dense":
-                table[("dense", "-")].append((task, 0.0, 1.0, len(rs)))
-                continue
-            name, budget = arm.split("@", 1)
-            rest = re.sub(r"^[0-9.]+", "", budget)
-            acc = sum(r["accuracy"] for r in rs) / len(rs)
-            loss = sum(loss3(r) for r in rs) / len(rs)
-            table[(name + rest, budget[: len(budget) - len(rest)])].append(
-                (task, 100 * (acc - d_acc), loss / d_loss, len(rs))
-            )
-    short = {"intent_recognition": "intent", "social_iqa": "siqa", "multiemo": "memo", "piqa": "piqa"}
-    table = {k: [(short.get(t, t), *rest) for t, *rest in v] for k, v in table.items()}
+    table = collect(args.folders)
     lines = [
-        "| arm | budget | tasks (k) | runs | accuracy vs dense, mean over tasks (pt) "
-        "| per task: accuracy vs dense (pt) (re-tune loss / dense) | re-tune loss / dense, mean over tasks |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | budget | tasks (k) | runs | accuracy vs dense, mean over tasks ± sd over runs (pt) "
+        "| vs baselines: tasks at or above all / mean at or above all "
+        "| per task: accuracy vs dense ± sd (pt) (re-tune loss / dense) | re-tune loss / dense, mean over tasks |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    order = sorted(table, key=lambda k: (k[1], -len(table[k]), -sum(x[1] for x in table[k]) / len(table[k])))
-    for name, budget in order:
-        rows = table[(name, budget)]
-        per = ", ".join(f"{t} {d:+.1f} ({lr:.1f}x)" for t, d, lr, _ in sorted(rows))
-        mean_d = sum(r[1] for r in rows) / len(rows)
-        mean_l = sum(r[2] for r in rows) / len(rows)
+    mean = {k: statistics.fmean(c.mean for c in v) for k, v in table.items()}
+    order = sorted(table, key=lambda k: (k[1], -len(table[k]), -mean[k]))
+    for key in order:
+        name, budget = key
+        cells = table[key]
+        per = ", ".join(
+            f"{c.task} {c.mean:+.1f}{fmt_sd(c.sd)} ({c.loss:.1f}x)"
+            for c in sorted(cells, key=lambda c: c.task)
+        )
+        vs = "-"
+        bases = [(b, budget) for b in BASELINES if (b, budget) in table and b != name]
+        if name != "dense" and bases:
+            wins = 0
+            for c in cells:
+                others = [o.mean for b in bases for o in table[b] if o.task == c.task]
+                wins += all(c.mean >= o for o in others)
+            same_tasks = all({c.task for c in table[b]} == {c.task for c in cells} for b in bases)
+            on_avg = ("yes" if all(mean[key] >= mean[b] for b in bases) else "no") if same_tasks else "-"
+            vs = f"{wins}/{len(cells)} / {on_avg}"
         lines.append(
-            f"| {name} | {budget} | {len(rows)} | {sum(r[3] for r in rows)} | {mean_d:+.1f} | {per} | {mean_l:.2f} |"
+            f"| {name} | {budget} | {len(cells)} | {sum(len(c.deltas) for c in cells)} "
+            f"| {mean[key]:+.1f}{fmt_sd(cross_task_sd(cells))} | {vs} | {per} "
+            f"| {statistics.fmean(c.loss for c in cells):.2f} |"
         )
     text = "\n".join(lines) + "\n"
     print(text)
