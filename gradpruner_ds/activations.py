@@ -45,7 +45,15 @@ from torch.utils.hooks import RemovableHandle
 from gradpruner_ds.arch import decoder_layers, unwrap_model
 from gradpruner_ds.errors import user_error
 
-__all__ = ["ActivationCollector", "pair_stats", "table_rows", "GATE_SQ_ROW", "GATE_SUM_ROW", "GATE_COUNT_ROW"]
+__all__ = [
+    "ActivationCollector",
+    "cos_stats",
+    "pair_stats",
+    "table_rows",
+    "GATE_SQ_ROW",
+    "GATE_SUM_ROW",
+    "GATE_COUNT_ROW",
+]
 
 GATE_SQ_ROW, GATE_SUM_ROW, GATE_COUNT_ROW = -4, -3, -2
 """Rows of the gate statistics (counted from the end of the table)."""
@@ -56,19 +64,20 @@ def table_rows(span_index: int) -> tuple[int, int]:
     return 2 * span_index, 2 * span_index + 1
 
 
-def pair_stats(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``[sum(1 - cos), sum(arccos(cos) / pi), count]`` over the tokens of two ``[..., hidden]`` tensors.
+def cos_stats(cos: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[sum(1 - cos), sum(arccos(cos) / pi), count]`` over per-token cosines (float64, on their device).
 
-    ``mask`` (broadcastable to ``a.shape[:-1]``, 1 = real token) excludes padding. Float64 result.
+    ``mask`` (broadcastable to ``cos``, 1 = real token) excludes padding.
     """
-    cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8).double()
-    cos = cos.clamp(-1.0, 1.0)
+    cos = cos.double().clamp(-1.0, 1.0)
     ang = torch.arccos(cos) / math.pi
-    if mask is None:
-        w = torch.ones_like(cos)
-    else:
-        w = mask.to(cos.dtype).expand_as(cos)
+    w = torch.ones_like(cos) if mask is None else mask.to(cos.dtype).expand_as(cos)
     return torch.stack([((1.0 - cos) * w).sum(), (ang * w).sum(), w.sum()])
+
+
+def pair_stats(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`cos_stats` of two ``[..., hidden]`` tensors (``mask`` broadcastable to ``a.shape[:-1]``)."""
+    return cos_stats(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8), mask)
 
 
 class ActivationCollector:
@@ -164,7 +173,6 @@ class ActivationCollector:
             self._unit_out = None
             self.forwards += 1
         mask = self._token_mask(h_out)
-        w = None if mask is None else mask.to(torch.float64)
         self._states[idx] = h_in
         end = idx + 1  # h_out is the state at boundary idx + 1
         # the previous layer's output is (normally) this layer's input: normalised once, reused
@@ -182,14 +190,11 @@ class ActivationCollector:
                 u_start = u_in
             else:
                 u_start = self._unit(self._states[start])
-            cos = (u_start * u_out).sum(-1).double().clamp(-1.0, 1.0)
-            bi, ang = 1.0 - cos, torch.arccos(cos) / math.pi
-            if w is not None:
-                bi, ang = bi * w, ang * w
+            stats = cos_stats((u_start * u_out).sum(-1), mask)
             r_bi, r_ang = table_rows(si)
-            acc[r_bi, start] += bi.sum()
-            acc[r_ang, start] += ang.sum()
-        acc[-1, idx] += w.sum() if w is not None else float(h_out.shape[:-1].numel())
+            acc[r_bi, start] += stats[0]
+            acc[r_ang, start] += stats[1]
+        acc[-1, idx] += mask.sum() if mask is not None else float(h_out.shape[:-1].numel())
         self._unit_out = (h_out, u_out)
         # keep only the states a later block can still start from
         oldest = end - self.spans[-1] + 1

@@ -493,12 +493,15 @@ def main(argv: list[str] | None = None) -> None:
     retune_sets: dict[int, list] = {0: batches[args.window :]}
     shared_before = window_fingerprint(win)
     reuse: dict[tuple, dict[str, Any]] = {}  # drop-only plans already re-tuned in this folder
-    for p in sorted((out / "arms").glob("*.json")):
-        done = json.loads(p.read_text())
-        if "removed" in done and "reused_from" not in done:
-            key = plan_key(done["removed"], done.get("num_merge", 0), done.get("data_order", 0))
+
+    def remember(rec: dict[str, Any]) -> None:
+        if "removed" in rec and "reused_from" not in rec:
+            key = plan_key(rec["removed"], rec.get("num_merge", 0), rec.get("data_order", 0))
             if key is not None:
-                reuse.setdefault(key, done)
+                reuse.setdefault(key, rec)
+
+    for p in sorted((out / "arms").glob("*.json")):
+        remember(json.loads(p.read_text()))
     for arm in todo:
         d = data_order(arm)
         if d not in retune_sets:  # another order of the train split for the re-tuning steps
@@ -506,10 +509,7 @@ def main(argv: list[str] | None = None) -> None:
                 tok, split, args.window + args.retune, args.batch, args.max_length, seed=1234 + d
             )[args.window :]
         rec = run_arm(arm, args, win, base, tok, retune_sets[d], split.test, reuse)
-        if "removed" in rec and "reused_from" not in rec:
-            key = plan_key(rec["removed"], rec["num_merge"], rec["data_order"])
-            if key is not None:
-                reuse.setdefault(key, rec)
+        remember(rec)
         if window_fingerprint(win) != shared_before:  # every arm must start from the same state
             raise SystemExit(f"arm {arm} changed the shared window state: results would depend on arm order")
         (out / "arms" / f"{arm}.json").write_text(json.dumps(rec, indent=1))

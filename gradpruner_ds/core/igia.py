@@ -65,15 +65,11 @@ def _sq_norm_t(t: torch.Tensor) -> torch.Tensor:
     return torch.dot(flat, flat) if flat.numel() else flat.new_zeros(())
 
 
-def sq_norm(t: torch.Tensor) -> float:
-    """Squared L2 norm in one read pass (``dot(t, t)``, no temporary for fp32 tensors). Non-finite iff
-    some entry is inf/nan (or squares beyond the fp32 range, ~1.8e19: treated as non-finite too)."""
-    return float(_sq_norm_t(t))
-
-
 def sq_norms(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """:func:`sq_norm` of each tensor as a float64 CPU vector, computed where the tensors live and
-    copied to the host once (one device sync per call, not one per tensor)."""
+    """Squared L2 norm of each tensor as a float64 CPU vector: one read pass each (``dot(t, t)``, no
+    temporary for fp32 tensors) where the tensors live, copied to the host once (one device sync per
+    call, not one per tensor). An entry is non-finite iff some value of its tensor is inf/nan (or squares
+    beyond the fp32 range, ~1.8e19: treated as non-finite too)."""
     parts = [_sq_norm_t(t) for t in tensors]
     if not parts:
         return torch.zeros(0, dtype=torch.float64)
