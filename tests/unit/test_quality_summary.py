@@ -1,0 +1,101 @@
+"""The cross-task summary of the quality benchmark (benchmarks/quality/summarize.py): how arm results are
+paired with the dense run of the same data order, named by task and averaged. These tables carry the
+numbers in docs/results.md, so their arithmetic is checked here on arm files written in the harness's
+format (one JSON per arm: arm name, data order, seed, accuracy, re-tuning losses)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def summarize():
+    spec = importlib.util.spec_from_file_location(
+        "summarize", ROOT / "benchmarks" / "quality" / "summarize.py"
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def write_arm(folder: Path, arm: str, accuracy: float, loss: float) -> None:
+    order = int(arm.split("#d")[1]) if "#d" in arm else 0
+    seed = int(arm.split("#s")[1]) if "#s" in arm else 0
+    (folder / "arms").mkdir(parents=True, exist_ok=True)
+    rec = {
+        "arm": arm,
+        "data_order": order,
+        "seed": seed,
+        "accuracy": accuracy,
+        "retune_losses": [9.0, loss, loss, loss],
+    }
+    (folder / "arms" / f"{arm}.json").write_text(json.dumps(rec))
+
+
+def test_pairs_each_run_with_the_dense_run_of_its_data_order(tmp_path, summarize):
+    a = tmp_path / "intent_recognition_r32"  # suffixes _b<N>, _w<N>, _r<N> name the same task
+    write_arm(a, "dense", 0.60, 1.0)
+    write_arm(a, "dense#d1", 0.80, 2.0)
+    write_arm(a, "shortgpt_bi@0.3", 0.50, 3.0)
+    write_arm(a, "shortgpt_bi@0.3#d1", 0.75, 4.0)
+    write_arm(a, "shortgpt_bi@0.3#d2", 0.70, 2.1)  # no dense run with order 2: the mean of the dense runs
+    table = summarize.collect([a])
+
+    (cell,) = table[("shortgpt_bi", "0.3")]
+    assert cell.task == "intent"
+    expected = {(0, 0): -10.0, (1, 0): -5.0, (2, 0): 0.0}
+    assert cell.deltas.keys() == expected.keys()
+    assert all(math.isclose(cell.deltas[k], v, abs_tol=1e-9) for k, v in expected.items())
+    assert math.isclose(cell.mean, -5.0, abs_tol=1e-9)
+    assert math.isclose(cell.sd, 5.0, abs_tol=1e-9)
+    assert math.isclose(cell.loss, statistics.fmean([3.0, 2.0, 1.4]))  # losses over the paired dense ones
+
+
+def test_cross_task_mean_and_spread_over_paired_runs(tmp_path, summarize):
+    for name, dense, arm in (
+        ("piqa_b20", (0.6, 0.5), (0.5, 0.5)),
+        ("social_iqa_b20", (0.4, 0.4), (0.2, 0.3)),
+    ):
+        folder = tmp_path / name
+        write_arm(folder, "dense", dense[0], 1.0)
+        write_arm(folder, "dense#d1", dense[1], 1.0)
+        write_arm(folder, "angular@0.2", arm[0], 1.0)
+        write_arm(folder, "angular@0.2#d1", arm[1], 1.0)
+    table = summarize.collect([tmp_path / "piqa_b20", tmp_path / "social_iqa_b20"])
+    cells = table[("angular", "0.2")]
+    assert sorted(c.task for c in cells) == ["piqa", "siqa"]
+    # run 0: piqa -10, siqa -20 -> -15; run 1: piqa 0, siqa -10 -> -5
+    assert math.isclose(summarize.cross_task_sd(cells), statistics.stdev([-15.0, -5.0]))
+    assert math.isclose(statistics.fmean(c.mean for c in cells), -10.0)
+
+    write_arm(tmp_path / "piqa_b20", "angular@0.2#d2", 0.5, 1.0)  # runs no longer paired across tasks
+    assert (
+        summarize.cross_task_sd(
+            summarize.collect([tmp_path / "piqa_b20", tmp_path / "social_iqa_b20"])[("angular", "0.2")]
+        )
+        is None
+    )
+
+
+def test_budget_and_variant_suffixes_split_the_rows(tmp_path, summarize):
+    folder = tmp_path / "multiemo"
+    write_arm(folder, "dense", 0.5, 1.0)
+    for arm in ("igia_sum@0.3", "igia_sum@0.3+m3", "igia_sum@0.3~lora", "random@0.3#s1", "random@0.3#s2"):
+        write_arm(folder, arm, 0.4, 1.0)
+    table = summarize.collect([folder])
+    assert {k for k in table if k[0] != "dense"} == {
+        ("igia_sum", "0.3"),
+        ("igia_sum+m3", "0.3"),
+        ("igia_sum~lora", "0.3"),
+        ("random", "0.3"),
+    }
+    assert set(table[("random", "0.3")][0].deltas) == {(0, 1), (0, 2)}  # seeds are separate runs
