@@ -71,7 +71,7 @@ def collect(folders: list[Path]) -> dict[tuple[str, str], list[Cell]]:
         dense_acc = {r.get("data_order", 0): r["accuracy"] for r in groups["dense"]}
         dense_loss = {r.get("data_order", 0): loss3(r) for r in groups["dense"]}
         mean_acc, mean_loss = statistics.fmean(dense_acc.values()), statistics.fmean(dense_loss.values())
-        task = re.sub(r"_[bwr]\d+$", "", folder.name)  # _b20 budget, _w12 window, _r32 re-tuning
+        task = re.sub(r"(_[bwr]\d+)+$", "", folder.name)  # _b20 budget, _w12 window, _r32 re-tuning
         task = SHORT.get(task, task)
         for arm, rs in groups.items():
             deltas = {

@@ -42,7 +42,7 @@ def write_arm(folder: Path, arm: str, accuracy: float, loss: float) -> None:
 
 
 def test_pairs_each_run_with_the_dense_run_of_its_data_order(tmp_path, summarize):
-    a = tmp_path / "intent_recognition_r32"  # suffixes _b<N>, _w<N>, _r<N> name the same task
+    a = tmp_path / "intent_recognition_b40_r32"  # suffixes _b<N>, _w<N>, _r<N> name the same task
     write_arm(a, "dense", 0.60, 1.0)
     write_arm(a, "dense#d1", 0.80, 2.0)
     write_arm(a, "shortgpt_bi@0.3", 0.50, 3.0)
