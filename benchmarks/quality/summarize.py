@@ -95,12 +95,9 @@ def cross_task_sd(cells: list[Cell]) -> float | None:
     return sd([statistics.fmean(c.deltas[i] for c in cells) for i in sorted(ids)])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("folders", nargs="+", type=Path)
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
-    table = collect(args.folders)
+def render(folders: list[Path]) -> str:
+    """The summary table (markdown) of the arm results in ``folders``."""
+    table = collect(folders)
     lines = [
         "| arm | budget | tasks (k) | runs | accuracy vs dense, mean over tasks ± sd over runs (pt) "
         "| vs baselines: tasks at or above all / mean at or above all "
@@ -131,7 +128,15 @@ def main() -> None:
             f"| {mean[key]:+.1f}{fmt_sd(cross_task_sd(cells))} | {vs} | {per} "
             f"| {statistics.fmean(c.loss for c in cells):.2f} |"
         )
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folders", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    text = render(args.folders)
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -99,3 +99,20 @@ def test_budget_and_variant_suffixes_split_the_rows(tmp_path, summarize):
         ("random", "0.3"),
     }
     assert set(table[("random", "0.3")][0].deltas) == {(0, 1), (0, 2)}  # seeds are separate runs
+
+
+def test_docs_tables_match_committed_results():
+    """The generated blocks of docs/results.md (tables, compute minutes) and their copies under
+    docs/benchmarks equal what the arm results in benchmarks/quality/results give today."""
+    spec = importlib.util.spec_from_file_location(
+        "update_docs", ROOT / "benchmarks" / "quality" / "update_docs.py"
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.DOC.read_text()
+    assert text.count("<!-- summary suffix=") == 5 and text.count("<!-- compute suffixes=") == 2
+    new, copies = mod.generate(text)
+    assert new == text, "docs/results.md is out of date: python benchmarks/quality/update_docs.py"
+    for path, table in copies.items():
+        assert (ROOT / path).read_text() == table, path
