@@ -26,6 +26,11 @@ forwards).
 Every entry is a sum over tokens, so the tables of disjoint data shards (data-parallel ranks,
 micro-batches) add up to the table of the whole batch: one all-reduce (SUM) gives exact global means.
 
+Gradient checkpointing: the layer hooks count only inside the model's own forward (a pre/post hook pair on
+the model), so a wrapper that recomputes a layer during the backward never counts it twice or out of
+order; transformers' checkpointing (either ``use_reentrant`` mode) keeps module hooks outside the
+recompute anyway, and the tables equal those without checkpointing (tested).
+
 The hooks only collect while the model is in training mode, cost nothing once :meth:`remove` is called,
 and keep references to at most ``max(spans) + 1`` hidden states during a forward (held by autograd
 anyway) plus one normalised copy (the last layer output, reused as the next layer's input). On an
@@ -99,35 +104,47 @@ class ActivationCollector:
                 "use a pruning budget smaller than the number of decoder layers",
             )
         hf = unwrap_model(model)
-        checkpointing = getattr(hf, "is_activation_checkpointing", None)
-        if checkpointing is None:  # older transformers
-            checkpointing = getattr(hf, "is_gradient_checkpointing", False)
         self.gate_grads = gate_grads
-        if (self.spans[-1] > 1 or gate_grads) and checkpointing:
-            raise user_error(
-                "multi-layer block statistics ('angular') and gate gradients ('gate_fisher') cannot be "
-                "collected with gradient checkpointing (the recompute runs the layers out of order)",
-                self.spans,
-                "disable gradient checkpointing during the observation window, or use 'shortgpt_bi'",
-            )
         self._table = torch.zeros(2 * len(self.spans) + 4, self.num_layers, dtype=torch.float64)
         self._mask: torch.Tensor | None = None
         self._states: dict[int, torch.Tensor] = {}
         self._unit_out: tuple[torch.Tensor, torch.Tensor] | None = None  # (last output, normalised)
         self._dev_table: torch.Tensor | None = None  # sums on an accelerator, see _acc
         self.forwards = 0
+        self._in_model_forward = False
+        self._gate_hooks_this_forward = 0
         self._handles: list[RemovableHandle] = [
-            hf.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
+            hf.register_forward_pre_hook(self._begin_forward, with_kwargs=True),
+            hf.register_forward_hook(self._end_forward),
         ]
         for idx, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_hook(self._make_hook(idx), with_kwargs=True))
 
     # ---- hooks ----------------------------------------------------------------------------------
-    def _capture_mask(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _begin_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1:
             mask = args[1]
         self._mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self._in_model_forward = True
+        self._gate_hooks_this_forward = 0
+
+    def _end_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self._in_model_forward = False
+        if (
+            self.gate_grads
+            and module.training
+            and torch.is_grad_enabled()
+            and not self._gate_hooks_this_forward
+        ):
+            raise user_error(
+                "'gate_fisher' reads the gradient of each decoder layer's output, but this training forward "
+                "produced no layer output that requires grad (a checkpointing wrapper that runs the layers "
+                "without grad in the forward, e.g. reentrant checkpointing applied around the layer's __call__)",
+                type(module).__name__,
+                "use transformers' activation (gradient) checkpointing (either mode), disable the wrapper during "
+                "the observation window, or use 'shortgpt_bi'",
+            )
 
     def _token_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
         mask = self._mask
@@ -137,7 +154,9 @@ class ActivationCollector:
 
     def _make_hook(self, idx: int):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            if not module.training:
+            # only the model's own training forward: a checkpointing wrapper that recomputes the layer in
+            # the backward (outside the model forward) must not count it twice or out of order
+            if not module.training or not self._in_model_forward:
                 return
             h_in = kwargs.get("hidden_states", args[0] if args else None)
             h_out = output[0] if isinstance(output, tuple | list) else output
@@ -222,6 +241,7 @@ class ActivationCollector:
             table[GATE_COUNT_ROW, idx] += float(per_seq.numel())
 
         h_out.register_hook(on_grad)  # lives and dies with this forward's graph
+        self._gate_hooks_this_forward += 1
 
     # ---- results --------------------------------------------------------------------------------
     def table(self) -> torch.Tensor:
@@ -239,6 +259,7 @@ class ActivationCollector:
         self._states = {}
         self._unit_out = None
         self._mask = None
+        self._in_model_forward = False
 
     @property
     def active(self) -> bool:

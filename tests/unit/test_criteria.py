@@ -3,6 +3,7 @@ integration (hooks live only during the window)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from gradpruner_ds.activations import ActivationCollector, pair_stats
 from gradpruner_ds.config import GradPrunerConfig
 from gradpruner_ds.core.plan import select_layers
 from gradpruner_ds.core.scoring import CRITERIA, ScoreContext, layer_scores
+from gradpruner_ds.errors import GradPrunerError
 from gradpruner_ds.pruner import GradPruner
 
 
@@ -166,7 +168,7 @@ def test_pruner_with_non_igia_criteria(tmp_path, criterion):
     assert model.config.num_hidden_layers == 4
     assert pruner.collector is None
     assert all(not layer._forward_hooks for layer in model.model.layers)
-    assert not model._forward_pre_hooks
+    assert not model._forward_pre_hooks and not model._forward_hooks
     if criterion == "reverse":
         assert sorted(pruner.plan.removed) == [4, 5]
     if criterion == "angular":
@@ -220,3 +222,81 @@ def test_gate_gradients_match_autograd_and_add_up_over_shards():
         col.remove()
         model.zero_grad()
     torch.testing.assert_close(parts[0] + parts[1], t_whole, rtol=1e-4, atol=1e-6)
+
+
+def _pruner_plan(tmp_path, criterion, checkpointing):
+    model = tiny_llama(6)
+    model.train()
+    if checkpointing is not None:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": checkpointing})
+    cfg = GradPrunerConfig.from_dict(
+        {"window_steps": 2, "num_drop": 2, "criterion": criterion, "output_dir": str(tmp_path), "plot": False}
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    pruner = GradPruner(model, cfg, total_steps=3, seed=3)
+    for batch in batches(3, seed=2):
+        model(**batch).loss.backward()
+        pruner.observe()
+        opt.step()
+        opt.zero_grad()
+        opt, _ = pruner.maybe_prune(opt)
+    assert pruner.plan is not None
+    return pruner.plan
+
+
+@pytest.mark.parametrize("criterion", ["angular", "gate_fisher", "shortgpt_bi"])
+def test_activation_criteria_under_gradient_checkpointing_give_the_plain_plan(tmp_path, criterion):
+    """transformers' gradient checkpointing (both use_reentrant modes) leaves the window statistics, hence
+    the scores and the plan, as they are without it."""
+    plain = _pruner_plan(tmp_path / "plain", criterion, None)
+    for reentrant in (False, True):
+        ckpt = _pruner_plan(tmp_path / f"re{reentrant}", criterion, reentrant)
+        assert ckpt.dropped == plain.dropped
+        assert ckpt.scores == pytest.approx(plain.scores, rel=1e-5, abs=1e-12)
+
+
+def _checkpoint_inner_model(model, reentrant: bool) -> None:
+    """Run the decoder stack under torch.utils.checkpoint: the backward recomputes every layer through its
+    __call__ (module hooks included), outside the model's own forward."""
+    inner = model.model
+    forward = inner.forward
+
+    def checkpointed(input_ids=None, **kwargs):
+        fn = functools.partial(forward, **kwargs)
+        return torch.utils.checkpoint.checkpoint(fn, input_ids, use_reentrant=reentrant)
+
+    inner.forward = checkpointed
+
+
+def test_collector_ignores_layers_recomputed_in_the_backward():
+    ids, mask = _padded_batch(2)
+    plain_model = tiny_llama(4)
+    plain_model.train()
+    plain = ActivationCollector(plain_model, spans=(1, 3), gate_grads=True)
+    _sum_loss(plain_model, ids, mask).backward()
+    model = tiny_llama(4)
+    model.train()
+    _checkpoint_inner_model(model, reentrant=False)
+    calls: list[int] = []
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_hook(lambda *a, i=i: calls.append(i))
+    col = ActivationCollector(model, spans=(1, 3), gate_grads=True)
+    _sum_loss(model, ids, mask).backward()
+    assert calls == [0, 1, 2, 3, 0, 1, 2, 3]  # the forward, then the recompute in the backward
+    torch.testing.assert_close(col.table(), plain.table(), rtol=1e-6, atol=1e-9)
+    assert col.forwards == 1
+
+
+def test_gate_fisher_refuses_a_forward_without_layer_gradients():
+    """A wrapper that runs the layers without grad in the forward (reentrant checkpointing around the
+    layers' __call__) leaves no output to read the gate gradient from: a clear error, not silent zeros."""
+    model = tiny_llama(3)
+    model.train()
+    _checkpoint_inner_model(model, reentrant=True)
+    ids, mask = _padded_batch(2)
+    ActivationCollector(model, spans=(1, 3))  # the hidden-state statistics need no gradients
+    model(input_ids=ids, attention_mask=mask)
+    col = ActivationCollector(model, spans=(1,), gate_grads=True)
+    with pytest.raises(GradPrunerError, match="gradpruner: 'gate_fisher' reads the gradient"):
+        model(input_ids=ids, attention_mask=mask)
+    col.remove()
