@@ -10,7 +10,9 @@ steps) over the dense one's. Per task: mean and sample standard deviation over t
 mean of the per-task means, and the standard deviation over runs of the run-level task means (runs paired
 by their index: data order, seed) when every task has the same runs. "vs baselines": in how many tasks
 the arm's mean is at or above every baseline arm's mean at the same budget, and whether its cross-task
-mean is at or above every baseline's.
+mean is at or above every baseline's. "vs default": the arm minus the default criterion at the same
+budget, paired by task and data order (random seeds averaged within an order), averaged over the tasks
+per order, then mean ± standard error over the orders every task has (their count in brackets).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 BASELINES = ("reverse", "random", "angular", "shortgpt_bi")
+DEFAULT = "shortgpt_bi"  # the product's default criterion: every row is also compared with it, run by run
 SHORT = {"intent_recognition": "intent", "social_iqa": "siqa", "multiemo": "memo", "piqa": "piqa"}
 
 
@@ -95,14 +98,38 @@ def cross_task_sd(cells: list[Cell]) -> float | None:
     return sd([statistics.fmean(c.deltas[i] for c in cells) for i in sorted(ids)])
 
 
+def by_order(cell: Cell) -> dict[int, float]:
+    """Data order -> the cell's mean accuracy delta over that order's runs (random seeds)."""
+    acc: dict[int, list[float]] = defaultdict(list)
+    for (order, _seed), d in cell.deltas.items():
+        acc[order].append(d)
+    return {o: statistics.fmean(v) for o, v in acc.items()}
+
+
+def paired_vs(cells: list[Cell], ref_cells: list[Cell]) -> tuple[float, float | None, int] | None:
+    """Mean over data orders of the cross-task mean of (arm - reference), its standard error, and the
+    number of orders; None unless both ran on the same tasks with at least one common order."""
+    ref = {c.task: by_order(c) for c in ref_cells}
+    if {c.task for c in cells} != set(ref):
+        return None
+    mine = {c.task: by_order(c) for c in cells}
+    orders = set.intersection(*(set(mine[t]) & set(ref[t]) for t in ref))
+    if not orders:
+        return None
+    per_order = [statistics.fmean(mine[t][o] - ref[t][o] for t in ref) for o in sorted(orders)]
+    se = statistics.stdev(per_order) / len(per_order) ** 0.5 if len(per_order) > 1 else None
+    return statistics.fmean(per_order), se, len(per_order)
+
+
 def render(folders: list[Path]) -> str:
     """The summary table (markdown) of the arm results in ``folders``."""
     table = collect(folders)
     lines = [
         "| arm | budget | tasks (k) | runs | accuracy vs dense, mean over tasks ± sd over runs (pt) "
         "| vs baselines: tasks at or above all / mean at or above all "
+        f"| vs default ({DEFAULT}), paired: mean ± se (orders) "
         "| per task: accuracy vs dense ± sd (pt) (re-tune loss / dense) | re-tune loss / dense, mean over tasks |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     mean = {k: statistics.fmean(c.mean for c in v) for k, v in table.items()}
     order = sorted(table, key=lambda k: (k[1], -len(table[k]), -mean[k]))
@@ -123,9 +150,13 @@ def render(folders: list[Path]) -> str:
             same_tasks = all({c.task for c in table[b]} == {c.task for c in cells} for b in bases)
             on_avg = ("yes" if all(mean[key] >= mean[b] for b in bases) else "no") if same_tasks else "-"
             vs = f"{wins}/{len(cells)} / {on_avg}"
+        paired = None
+        if name not in ("dense", DEFAULT) and (DEFAULT, budget) in table:
+            paired = paired_vs(cells, table[(DEFAULT, budget)])
+        vs_default = "-" if paired is None else f"{paired[0]:+.1f}{fmt_sd(paired[1])} ({paired[2]})"
         lines.append(
             f"| {name} | {budget} | {len(cells)} | {sum(len(c.deltas) for c in cells)} "
-            f"| {mean[key]:+.1f}{fmt_sd(cross_task_sd(cells))} | {vs} | {per} "
+            f"| {mean[key]:+.1f}{fmt_sd(cross_task_sd(cells))} | {vs} | {vs_default} | {per} "
             f"| {statistics.fmean(c.loss for c in cells):.2f} |"
         )
     return "\n".join(lines) + "\n"

@@ -101,6 +101,33 @@ def test_budget_and_variant_suffixes_split_the_rows(tmp_path, summarize):
     assert set(table[("random", "0.3")][0].deltas) == {(0, 1), (0, 2)}  # seeds are separate runs
 
 
+def test_paired_difference_with_the_default_over_data_orders(tmp_path, summarize):
+    for name, dense, default, arm in (
+        ("piqa", (0.6, 0.5), (0.5, 0.4), (0.55, 0.5)),
+        ("social_iqa", (0.4, 0.4), (0.3, 0.3), (0.3, 0.4)),
+    ):
+        folder = tmp_path / name
+        for suffix, i in (("", 0), ("#d1", 1)):
+            write_arm(folder, f"dense{suffix}", dense[i], 1.0)
+            write_arm(folder, f"shortgpt_bi@0.3{suffix}", default[i], 1.0)
+            write_arm(folder, f"obd@0.3{suffix}", arm[i], 1.0)
+        write_arm(folder, "random@0.3#s0", 0.2, 1.0)  # seeds: order 0 only, averaged within the order
+        write_arm(folder, "random@0.3#s1", 0.4, 1.0)
+    table = summarize.collect([tmp_path / "piqa", tmp_path / "social_iqa"])
+    # arm - default per (task, order): piqa +5, +10; siqa 0, +10 -> per order +2.5, +10
+    mean_obd, se_obd, n = summarize.paired_vs(table[("obd", "0.3")], table[("shortgpt_bi", "0.3")])
+    mean, se = mean_obd, se_obd
+    assert n == 2 and math.isclose(mean, 6.25) and math.isclose(se, statistics.stdev([2.5, 10.0]) / 2**0.5)
+    # random: piqa 0.3 - 0.5 = -20, siqa 0.3 - 0.3 = 0 -> one order, -10, no standard error
+    mean, se, n = summarize.paired_vs(table[("random", "0.3")], table[("shortgpt_bi", "0.3")])
+    assert n == 1 and se is None and math.isclose(mean, -10.0)
+    rows = summarize.render([tmp_path / "piqa", tmp_path / "social_iqa"]).splitlines()
+    (obd_row,) = [r for r in rows if r.startswith("| obd |")]
+    assert f"| {mean_obd:+.1f} ± {se_obd:.1f} (2) |" in obd_row
+    (default_row,) = [r for r in rows if r.startswith("| shortgpt_bi |")]
+    assert default_row.split(" | ")[6] == "-"
+
+
 def test_docs_tables_match_committed_results():
     """The generated blocks of docs/results.md (tables, compute minutes) and their copies under
     docs/benchmarks equal what the arm results in benchmarks/quality/results give today."""
