@@ -16,15 +16,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def summarize():
-    spec = importlib.util.spec_from_file_location(
-        "summarize", ROOT / "benchmarks" / "quality" / "summarize.py"
-    )
+def load_script(name: str):
+    """A module of benchmarks/quality (scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "quality" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def summarize():
+    return load_script("summarize")
 
 
 def write_arm(folder: Path, arm: str, accuracy: float, loss: float) -> None:
@@ -116,8 +119,8 @@ def test_paired_difference_with_the_default_over_data_orders(tmp_path, summarize
     table = summarize.collect([tmp_path / "piqa", tmp_path / "social_iqa"])
     # arm - default per (task, order): piqa +5, +10; siqa 0, +10 -> per order +2.5, +10
     mean_obd, se_obd, n = summarize.paired_vs(table[("obd", "0.3")], table[("shortgpt_bi", "0.3")])
-    mean, se = mean_obd, se_obd
-    assert n == 2 and math.isclose(mean, 6.25) and math.isclose(se, statistics.stdev([2.5, 10.0]) / 2**0.5)
+    assert n == 2 and math.isclose(mean_obd, 6.25)
+    assert se_obd is not None and math.isclose(se_obd, statistics.stdev([2.5, 10.0]) / 2**0.5)
     # random: piqa 0.3 - 0.5 = -20, siqa 0.3 - 0.3 = 0 -> one order, -10, no standard error
     mean, se, n = summarize.paired_vs(table[("random", "0.3")], table[("shortgpt_bi", "0.3")])
     assert n == 1 and se is None and math.isclose(mean, -10.0)
@@ -131,12 +134,7 @@ def test_paired_difference_with_the_default_over_data_orders(tmp_path, summarize
 def test_docs_tables_match_committed_results():
     """The generated blocks of docs/results.md (tables, compute minutes) and their copies under
     docs/benchmarks equal what the arm results in benchmarks/quality/results give today."""
-    spec = importlib.util.spec_from_file_location(
-        "update_docs", ROOT / "benchmarks" / "quality" / "update_docs.py"
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("update_docs")
     text = mod.DOC.read_text()
     assert text.count("<!-- summary suffix=") == 6 and text.count("<!-- compute suffixes=") == 2
     new, copies = mod.generate(text)
