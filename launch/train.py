@@ -530,16 +530,19 @@ def _print_summary(log: Callable[..., None], s: dict[str, Any]) -> None:
     log("=" * 72)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point. Under DeepSpeed the process ends with ``barrier(); destroy_process_group();
-    os._exit`` (gloo threads can otherwise abort interpreter shutdown)."""
+def end_process(body: Callable[[], Any], distributed: bool) -> int:
+    """Run ``body`` as a launcher entry point and end the process.
+
+    One process: the exit code (2 for a ``gradpruner:`` error, whose message names rule, value and fix).
+    Several ranks: the process ends with ``barrier(); destroy_process_group(); os._exit`` -- gloo threads
+    can otherwise abort interpreter shutdown ("terminate called without an active exception",
+    platform.md), which turns a finished run into a failed launch."""
     from gradpruner_ds.errors import GradPrunerError
 
-    args = build_parser().parse_args(argv)
-    if not args.deepspeed:
+    if not distributed:
         try:
-            run(args)
-        except GradPrunerError as exc:  # a user mistake: the message names rule, value and fix
+            body()
+        except GradPrunerError as exc:
             print(exc, file=sys.stderr)
             return 2
         return 0
@@ -547,10 +550,17 @@ def main(argv: list[str] | None = None) -> int:
 
     code = 0
     try:
-        run(args)
-        dist.barrier()
-        dist.destroy_process_group()
-    except (SystemExit, GradPrunerError) as exc:
+        body()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    except SystemExit as exc:  # argparse (--help: 0) or a refused combination of flags
+        if isinstance(exc.code, int):
+            code = exc.code
+        else:
+            print(exc, file=sys.stderr)
+            code = 2
+    except GradPrunerError as exc:
         print(exc, file=sys.stderr)
         code = 2
     except BaseException:  # noqa: BLE001 - reported, then the process ends without gloo teardown races
@@ -559,6 +569,12 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; see :func:`end_process` for how the process ends."""
+    args = build_parser().parse_args(argv)
+    return end_process(lambda: run(args), distributed=bool(args.deepspeed))
 
 
 if __name__ == "__main__":

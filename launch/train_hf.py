@@ -198,4 +198,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from launch.train import end_process
+
+    sys.exit(end_process(main, distributed=_world() > 1))
