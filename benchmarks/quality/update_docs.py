@@ -7,9 +7,11 @@ The document marks what is generated; the prose around it is written by hand:
 
 * ``<!-- summary suffix=_b20 out=docs/benchmarks/quality_summary_b20.md -->`` ... ``<!-- /summary -->``:
   the :mod:`summarize` table of the folders ``benchmarks/quality/results/<task><suffix>`` for the four
-  tasks (an empty suffix: the 30% folders), also written to ``out``;
+  tasks (an empty suffix: the 30% folders), also written to ``out``; ``folders=a,b,c`` instead of
+  ``suffix=`` names the result folders one by one (the observation windows: one window length per task);
 * ``<!-- compute suffixes=,_b20,_b40 -->`` ... ``<!-- /compute -->`` (inline): per folder, the sum of
-  the arms' own wall times in minutes (arms copied from another folder, ``copied_from``, not counted).
+  the arms' own wall times in minutes (arms copied from another folder, ``copied_from``, not counted);
+  ``folders=a,b`` names the folders one by one.
 """
 
 from __future__ import annotations
@@ -26,8 +28,15 @@ RESULTS = ROOT / "benchmarks" / "quality" / "results"
 DOC = ROOT / "docs" / "results.md"
 TASKS = ("intent_recognition", "piqa", "social_iqa", "multiemo")
 
-SUMMARY = re.compile(r"(<!-- summary suffix=(\S*) out=(\S+) -->\n)(.*?)(<!-- /summary -->)", re.S)
-COMPUTE = re.compile(r"(<!-- compute suffixes=(\S*) -->)(.*?)(<!-- /compute -->)", re.S)
+SUMMARY = re.compile(r"(<!-- summary (suffix|folders)=(\S*) out=(\S+) -->\n)(.*?)(<!-- /summary -->)", re.S)
+COMPUTE = re.compile(r"(<!-- compute (suffixes|folders)=(\S*) -->)(.*?)(<!-- /compute -->)", re.S)
+
+
+def folders(kind: str, value: str) -> list[str]:
+    """The result folder names a marker selects: the four tasks with a suffix, or listed by name."""
+    if kind == "folders":
+        return value.split(",")
+    return [t + s for t in TASKS for s in value.split(",")]
 
 
 def _summarize():
@@ -49,13 +58,13 @@ def generate(text: str, results: Path = RESULTS) -> tuple[str, dict[str, str]]:
     copies: dict[str, str] = {}
 
     def summary(m: re.Match) -> str:
-        table = render([results / f"{t}{m.group(2)}" for t in TASKS])
-        copies[m.group(3)] = table
-        return f"{m.group(1)}\n{table}\n{m.group(5)}"
+        table = render([results / f for f in folders(m.group(2), m.group(3))])
+        copies[m.group(4)] = table
+        return f"{m.group(1)}\n{table}\n{m.group(6)}"
 
     def compute(m: re.Match) -> str:
-        parts = [f"{t}{s} {minutes(results / (t + s)):.0f} min" for t in TASKS for s in m.group(2).split(",")]
-        return f"{m.group(1)}{', '.join(parts)}{m.group(4)}"
+        parts = [f"{f} {minutes(results / f):.0f} min" for f in folders(m.group(2), m.group(3))]
+        return f"{m.group(1)}{', '.join(parts)}{m.group(5)}"
 
     return COMPUTE.sub(compute, SUMMARY.sub(summary, text)), copies
 
