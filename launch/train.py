@@ -555,8 +555,8 @@ def end_process(body: Callable[[], Any], distributed: bool) -> int:
             dist.barrier()
             dist.destroy_process_group()
     except SystemExit as exc:  # argparse (--help: 0) or a refused combination of flags
-        if isinstance(exc.code, int):
-            code = exc.code
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
         else:
             print(exc, file=sys.stderr)
             code = 2
