@@ -89,6 +89,16 @@ class GradPrunerConfig(BaseModel):
         "masked, sign-consistent merge. 'laco': LaCo-style unmasked differences W_r += sum_p (W_p - W_r) "
         "(a baseline; keep_fraction and sign_consistent do not apply).",
     )
+    protect_layers: list[int] = Field(
+        default_factory=list,
+        description="Decoder layers (original indices) that are never removed, whatever their score.",
+    )
+    layers_to_remove: list[int] | None = Field(
+        None,
+        description="A plan given by hand: these decoder layers (original indices) are dropped at the end of "
+        "the window instead of the ones a criterion picks. Leave criterion, num_drop and prune_ratio unset "
+        "(the budget is the list's length; num_merge must be 0).",
+    )
     lora_adapter: str = Field("default", description="peft adapter name read in 'lora' mode.")
     output_dir: str | None = Field(
         None, description="Where the report (JSON + PNG) and plan are written; none = no files."
@@ -102,9 +112,22 @@ class GradPrunerConfig(BaseModel):
     @field_validator("criterion")
     @classmethod
     def _known_criterion(cls, v: str) -> str:
-        if v not in CRITERIA:
-            raise ValueError(f"criterion must be one of {sorted(CRITERIA)}")
+        if v not in CRITERIA or v == "given":
+            raise ValueError(
+                f"criterion must be one of {sorted(set(CRITERIA) - {'given'})} (a plan by hand: layers_to_remove)"
+            )
         return v
+
+    @field_validator("protect_layers", "layers_to_remove")
+    @classmethod
+    def _layer_list(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if any(i < 0 for i in v):
+            raise ValueError("layer indices must be >= 0 (original decoder-layer indices)")
+        if len(set(v)) != len(v):
+            raise ValueError("layer indices must be listed once each")
+        return sorted(v)
 
     @model_validator(mode="after")
     def _cross_fields(self) -> GradPrunerConfig:
@@ -112,6 +135,22 @@ class GradPrunerConfig(BaseModel):
             raise ValueError(
                 'set exactly one of window_steps or window_fraction. Fix: keep one, e.g. "window_steps": 8'
             )
+        if self.layers_to_remove is not None:
+            given = {"criterion", "num_drop", "prune_ratio"} & self.model_fields_set
+            if given or self.num_merge:
+                raise ValueError(
+                    f"layers_to_remove is a plan given by hand: {sorted(given) or ['num_merge']} do not apply. "
+                    "Fix: remove them (the budget is the list's length, nothing is merged)"
+                )
+            if not self.layers_to_remove:
+                raise ValueError(
+                    'layers_to_remove must name at least one layer. Fix: e.g. "layers_to_remove": [20, 21]'
+                )
+            if set(self.layers_to_remove) & set(self.protect_layers):
+                raise ValueError(
+                    "a layer cannot be both in layers_to_remove and protect_layers. Fix: list it once"
+                )
+            return self
         if (self.num_drop is None) == (self.prune_ratio is None):
             raise ValueError(
                 'set exactly one of num_drop or prune_ratio. Fix: keep one, e.g. "num_drop": 4 or "prune_ratio": 0.3'
@@ -139,8 +178,28 @@ class GradPrunerConfig(BaseModel):
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
 
     # ---- resolution against the model and the run -------------------------------------------
+    @property
+    def effective_criterion(self) -> str:
+        """The criterion that decides the plan ('given' for a plan given by hand)."""
+        return "given" if self.layers_to_remove is not None else self.criterion
+
     def resolve_budget(self, num_layers: int) -> tuple[int, int]:
         """``(num_drop, num_merge)`` for a model with ``num_layers`` decoder layers."""
+        named = (self.layers_to_remove or []) + self.protect_layers
+        if named and max(named) >= num_layers:
+            raise user_error(
+                f"layers_to_remove / protect_layers must be decoder-layer indices in [0, {num_layers})",
+                [i for i in named if i >= num_layers],
+                f"use original indices between 0 and {num_layers - 1}",
+            )
+        if self.layers_to_remove is not None:
+            if len(self.layers_to_remove) >= num_layers:
+                raise user_error(
+                    f"layers_to_remove must leave at least 1 of the model's {num_layers} decoder layers",
+                    self.layers_to_remove,
+                    "list fewer layers",
+                )
+            return len(self.layers_to_remove), 0
         if self.num_drop is not None:
             n_drop = self.num_drop
         else:
@@ -159,6 +218,13 @@ class GradPrunerConfig(BaseModel):
                 f"(num_drop + num_merge = {n_drop} + {self.num_merge})",
                 n_drop + self.num_merge,
                 f"remove at most {num_layers - 1} layers",
+            )
+        if self.protect_layers and n_drop + self.num_merge > num_layers - len(self.protect_layers):
+            raise user_error(
+                f"the budget ({n_drop + self.num_merge} layers) must fit among the "
+                f"{num_layers - len(self.protect_layers)} layers that protect_layers leaves removable",
+                self.protect_layers,
+                "protect fewer layers or lower the budget",
             )
         if n_drop + self.num_merge == 0:
             raise user_error("the budget removes no layer", 0, "set num_drop >= 1 or a larger prune_ratio")
@@ -258,7 +324,8 @@ def config_reference_markdown() -> str:
             .replace("'>", "")
             .replace("|", "or")
         )
-        rows.append(f"| `{name}` | {ann} | `{json.dumps(f.default)}` | {f.description} |")
+        default = f.default_factory() if f.default_factory is not None else f.default  # type: ignore[call-arg]
+        rows.append(f"| `{name}` | {ann} | `{json.dumps(default)}` | {f.description} |")
     return "\n".join(rows) + "\n"
 
 

@@ -103,7 +103,7 @@ class GradPruner:
             owns_lora_scalars=self.backend.rank == 0,
             window=self.window,
         )
-        crit = get_criterion(config.criterion)
+        crit = get_criterion(config.effective_criterion)
         self.collector: ActivationCollector | None = None
         if config.enabled and crit.source == "activation":
             assert crit.spans is not None
@@ -118,7 +118,7 @@ class GradPruner:
             "observing %d steps (%s gradients, criterion %s); then removing %d of %d layers (%d dropped, %d merged)",
             self.window,
             self.mode,
-            config.criterion,
+            config.effective_criterion,
             self.num_drop + self.num_merge,
             self.num_layers,
             self.num_drop,
@@ -194,7 +194,7 @@ class GradPruner:
     def compute_scores(self) -> list[float]:
         """Global per-layer scores: one SUM all-reduce of the packed partial table."""
         assert self.acc is not None
-        crit = get_criterion(self.config.criterion)
+        crit = get_criterion(self.config.effective_criterion)
         spans: tuple[int, ...] = ()
         if crit.source == "activation":  # hidden-state statistics replace the IGIA table
             assert self.collector is not None
@@ -207,7 +207,7 @@ class GradPruner:
             weights = None
             if crit.needs_saliency or crit.needs_weight_norm:
                 weights = self.backend.local_weights(self.weights)
-            table = partial_table(self.acc, self.config.criterion, weights)
+            table = partial_table(self.acc, crit.name, weights)
             self.backend.all_reduce_sum_(table)
         ctx = ScoreContext(
             self.num_layers,
@@ -215,8 +215,9 @@ class GradPruner:
             budget=self.num_drop + self.num_merge,
             spans=spans,
             seed=self.seed,
+            given=tuple(self.config.layers_to_remove or ()),
         )
-        return layer_scores(table, self.keys, self.config.criterion, ctx)
+        return layer_scores(table, self.keys, crit.name, ctx)
 
     def make_plan(self, step: int | None = None) -> PrunePlan:
         """Scores -> the frozen plan, checked for agreement across ranks."""
@@ -239,7 +240,7 @@ class GradPruner:
             scores,
             self.num_drop,
             self.num_merge,
-            criterion=self.config.criterion,
+            criterion=self.config.effective_criterion,
             observed_steps=self.acc.steps,
             skipped_steps=self.acc.skipped,
             step=self.steps_seen if step is None else step,
@@ -251,6 +252,7 @@ class GradPruner:
                 "sign_consistent": self.config.sign_consistent,
                 "merge_rule": self.config.merge_rule,
             },
+            protect=self.config.protect_layers,
         )
         self.backend.check_plan(plan, self.config.consensus_timeout_s)
         return plan

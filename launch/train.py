@@ -75,7 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient_clipping", type=float, default=None,
                    help="max grad norm (default: the DeepSpeed config's value; 1.0 without DeepSpeed); 0 = off")
     p.add_argument("--max_length", type=int, default=128, help="max tokens per training/eval sequence")
-    p.add_argument("--eval_size", type=int, default=40, help="test items scored before/after; 0 = no evaluation")
+    p.add_argument("--eval_size", type=int, default=40,
+                   help="test items scored before/after; 0 = no evaluation; -1 = the whole test split")
+    p.add_argument("--max_test", type=int, default=None,
+                   help="cap on the test split (items beyond it go to training); default: 20%% of the task")
+    p.add_argument("--eval_at", type=str, default="",
+                   help="comma-separated optimizer steps after which the in-memory model is scored on the test "
+                        "items too (one process, or DeepSpeed ZeRO-1/2): the accuracy curve of one run")
+    p.add_argument("--skip_eval_before", action="store_true", help="do not score the model before training")
+    p.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="train peft LoRA adapters of rank R (alpha 4R) on every linear of the decoder instead of "
+                        "full fine-tuning (one process); 0 = full fine-tuning")
     p.add_argument("--eval_batch_size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="model init (tiny), data order")
     p.add_argument("--data_seed", type=int, default=0, help="train/val/test split seed")
@@ -290,6 +300,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit("train.py: --deepspeed needs --deepspeed_config PATH (see configs/zero*.json)")
         ds_config = json.loads(Path(args.deepspeed_config).read_text())
     gp_cfg = resolve_config(args, ds_config)
+    eval_at = _parse_eval_at(args.eval_at, args.max_steps)
+    if eval_at and use_ds and int((ds_config or {}).get("zero_optimization", {}).get("stage", 0)) == 3:
+        raise SystemExit("train.py: --eval_at scores the in-memory model, which ZeRO-3 partitions; use ZeRO-1/2 or one process")
+    if args.lora and use_ds:
+        raise SystemExit("train.py: --lora runs in one process (without --deepspeed)")
     if gp_cfg is not None and gp_cfg.output_dir is None:
         gp_cfg = gp_cfg.model_copy(update={"output_dir": str(args.output_dir)})
 
@@ -331,14 +346,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tokenizer = load_tokenizer()
         model = tiny_model(len(tokenizer), args.tiny_layers, args.seed)
     model.config.use_cache = False
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        from gradpruner_ds.arch import get_arch
+
+        targets = sorted({n.rsplit(".", 1)[-1] for n in get_arch(model).linear_names})
+        model = get_peft_model(
+            model, LoraConfig(r=args.lora, lora_alpha=4 * args.lora, lora_dropout=0.0, target_modules=targets)
+        )
     dense_params = sum(p.numel() for p in model.parameters())
     dense_layers = len(decoder_layers(model))
     if gp_cfg is not None:  # budget and window checked against this model and run before any step
         gp_cfg.resolve_budget(dense_layers)
         gp_cfg.resolve_window(args.max_steps)
     examples = load_task(args.task)
-    split = split_task(examples, seed=args.data_seed)
-    test = split.test[: args.eval_size] if args.eval_size > 0 else []
+    split = split_task(examples, seed=args.data_seed, max_test=args.max_test)
+    test = split.test if args.eval_size < 0 else split.test[: args.eval_size]
     train_items = build_train_dataset(tokenizer, split.train, max_length=args.max_length)
     task_name = Path(args.task).stem
     log(
@@ -355,7 +379,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # ---- accuracy before training (rank 0; the others wait) ----
     acc_before: float | None = None
-    if test and rank == 0:
+    if test and rank == 0 and not args.skip_eval_before:
         t0 = time.perf_counter()
         acc_before = evaluate_choices(model, tokenizer, test, batch_size=args.eval_batch_size, max_length=args.max_length)
         log(f"accuracy before training: {acc_before:.3f} ({len(test)} test items, {time.perf_counter() - t0:.1f}s)")
@@ -407,6 +431,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     step_times: list[float] = []
     prune_s = 0.0
     params = [p for p in model.parameters() if p.requires_grad]
+    curve: list[dict[str, Any]] = []
+    eval_s = 0.0
     for step in range(args.max_steps):
         t_step = time.perf_counter()
         total = torch.zeros(1, dtype=torch.float64)
@@ -448,14 +474,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         state = "" if pruner is None else ("observing" if pruner.observing else "pruned" if pruner.plan else "")
         bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr_now:.2e}", layers=len(decoder_layers(model)), gp=state)
         bar.update(1)
+        if step + 1 in eval_at and test:
+            t_eval = time.perf_counter()
+            if rank == 0:
+                current = engine.module if use_ds else model
+                acc_now = evaluate_choices(current, tokenizer, test, batch_size=args.eval_batch_size, max_length=args.max_length)
+                curve.append({"step": step + 1, "accuracy": acc_now, "layers": len(decoder_layers(current)),
+                              "train_s": time.perf_counter() - t_train - eval_s})
+                log(f"step {step + 1}: accuracy {acc_now:.3f} on {len(test)} test items")
+            if use_ds:
+                dist.barrier()
+            eval_s += time.perf_counter() - t_eval
     bar.close()
-    train_s = time.perf_counter() - t_train
+    train_s = time.perf_counter() - t_train - eval_s
     med_step = sorted(step_times)[len(step_times) // 2]
     log(f"trained {args.max_steps} steps in {train_s:.1f}s (median step {med_step:.2f}s); loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
     # ---- save the (pruned) model ----
     final_dir = out_dir / "final"
     module = engine.module if use_ds else model
+    if args.lora:  # the saved model is the pruned base with the trained adapters merged into it
+        module = module.merge_and_unload()
     zero3 = use_ds and int(engine.zero_optimization_stage()) == 3
     if not args.no_save:
         t0 = time.perf_counter()
@@ -483,6 +522,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prune_s": prune_s,
         "eval_items": len(test),
         "acc_before": acc_before,
+        "curve": curve,
+        "eval_s": eval_s,
     }
     if pruner is not None and pruner.plan is not None:
         summary["plan"] = {"dropped": list(pruner.plan.dropped), "merged": list(pruner.plan.merged),
@@ -500,7 +541,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if final_model is not None:
             summary["pruned_params"] = sum(p.numel() for p in final_model.parameters())
             summary["pruned_layers"] = len(decoder_layers(final_model))
-            if test:
+            if test and args.no_save and curve and curve[-1]["step"] == args.max_steps:
+                summary["acc_after"] = curve[-1]["accuracy"]  # the same in-memory model, already scored
+            elif test:
                 t0 = time.perf_counter()
                 summary["acc_after"] = evaluate_choices(
                     final_model, tokenizer, test, batch_size=args.eval_batch_size, max_length=args.max_length
@@ -510,6 +553,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _parse_eval_at(text: str, max_steps: int) -> set[int]:
+    """The optimizer steps of ``--eval_at`` (validated: integers in [1, max_steps])."""
+    steps: set[int] = set()
+    for part in (x.strip() for x in text.split(",")):
+        if not part:
+            continue
+        if not part.isdigit() or not 1 <= int(part) <= max_steps:
+            raise SystemExit(f"train.py: --eval_at takes optimizer steps between 1 and --max_steps={max_steps} (got {part!r})")
+        steps.add(int(part))
+    return steps
 
 
 def _print_summary(log: Callable[..., None], s: dict[str, Any]) -> None:

@@ -28,11 +28,16 @@ def rank_layers(scores: Sequence[float]) -> list[int]:
     return sorted(range(len(scores)), key=key)
 
 
-def select_layers(scores: Sequence[float], num_drop: int, num_merge: int) -> tuple[list[int], list[int]]:
-    """``(dropped, merged)`` layer indices, each sorted ascending."""
-    if num_drop < 0 or num_merge < 0 or num_drop + num_merge >= len(scores):
-        raise AssertionError("budget must leave at least one layer (config validates this)")
-    order = rank_layers(scores)
+def select_layers(
+    scores: Sequence[float], num_drop: int, num_merge: int, protect: Sequence[int] = ()
+) -> tuple[list[int], list[int]]:
+    """``(dropped, merged)`` layer indices, each sorted ascending. ``protect``: layers never removed."""
+    keep = set(protect)
+    if num_drop < 0 or num_merge < 0 or num_drop + num_merge > len(scores) - max(1, len(keep)):
+        raise AssertionError(
+            "budget must leave at least one layer and every protected one (config validates this)"
+        )
+    order = [i for i in rank_layers(scores) if i not in keep]
     return sorted(order[:num_drop]), sorted(order[num_drop : num_drop + num_merge])
 
 
@@ -165,9 +170,11 @@ def make_plan(
     config_digest: str,
     model_type: str = "",
     extra: Mapping[str, Any] | None = None,
+    protect: Sequence[int] = (),
 ) -> PrunePlan:
-    """Rank, select and assign merge targets: the whole decision from the global scores."""
-    dropped, merged = select_layers(scores, num_drop, num_merge)
+    """Rank, select and assign merge targets: the whole decision from the global scores
+    (``protect``: layers that are never removed)."""
+    dropped, merged = select_layers(scores, num_drop, num_merge, protect)
     targets = merge_targets(len(scores), dropped, merged)
     return PrunePlan(
         num_layers=len(scores),

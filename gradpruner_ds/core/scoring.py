@@ -53,6 +53,8 @@ class ScoreContext:
     """Block lengths of an activation table, in its row order (see ``gradpruner_ds.activations``)."""
     seed: int = 0
     """Seed of the 'random' criterion (identical on every rank)."""
+    given: tuple[int, ...] = ()
+    """Layers of a plan given by hand (the 'given' criterion)."""
 
 
 CRITERIA: dict[str, Criterion] = {}
@@ -262,6 +264,32 @@ def _angular(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) -> tor
 )
 def _reverse(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) -> torch.Tensor:
     return torch.arange(ctx.num_layers, 0, -1, dtype=torch.float64)
+
+
+@_register_other(
+    "last_layers",
+    "Last layers before the final one (Lu et al., 'Reassessing Layer Pruning in LLMs', ICLR 2026: a "
+    "simple rule that beat most importance scores): S_j = L - j for j < L - 1 and S_{L-1} = L + 1, so the "
+    "n layers just below the final layer are removed and the final layer is kept. Needs no data.",
+    source="static",
+)
+def _last_layers(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) -> torch.Tensor:
+    scores = torch.arange(ctx.num_layers, 0, -1, dtype=torch.float64)
+    scores[-1] = ctx.num_layers + 1
+    return scores
+
+
+@_register_other(
+    "given",
+    "A plan given by hand (config 'layers_to_remove'): S_j = 0 for the listed layers, 1 for the others. "
+    "Set through 'layers_to_remove', not as a criterion name.",
+    source="static",
+)
+def _given(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) -> torch.Tensor:
+    scores = torch.ones(ctx.num_layers, dtype=torch.float64)
+    for j in ctx.given:
+        scores[j] = 0.0
+    return scores
 
 
 @_register_other(
