@@ -31,7 +31,13 @@ the model), so a wrapper that recomputes a layer during the backward never count
 order; transformers' checkpointing (either ``use_reentrant`` mode) keeps module hooks outside the
 recompute anyway, and the tables equal those without checkpointing (tested).
 
-The hooks only collect while the model is in training mode, cost nothing once :meth:`remove` is called,
+Steps: every forward adds into a PENDING table; :meth:`commit` (called by the pruner once per optimizer step,
+when it knows whether the step's gradients were finite) adds it to the table or discards it, so the
+statistics exclude exactly the steps the IGIA excludes. :meth:`table` is the committed table.
+
+The hooks collect during forwards that build a graph (gradients enabled; in training mode also without,
+for callers that measure under ``no_grad``), so a model left in eval mode by ``from_pretrained`` is still
+measured and evaluation forwards under ``no_grad`` are not. They cost nothing once :meth:`remove` is called,
 and keep references to at most ``max(spans) + 1`` hidden states during a forward (held by autograd
 anyway) plus one normalised copy (the last layer output, reused as the next layer's input). On an
 accelerator the sums stay on the device until :meth:`table` (no host sync per layer).
@@ -106,10 +112,11 @@ class ActivationCollector:
         hf = unwrap_model(model)
         self.gate_grads = gate_grads
         self._table = torch.zeros(2 * len(self.spans) + 4, self.num_layers, dtype=torch.float64)
+        self._pending = torch.zeros_like(self._table)  # this step's forwards until commit()
         self._mask: torch.Tensor | None = None
         self._states: dict[int, torch.Tensor] = {}
         self._unit_out: tuple[torch.Tensor, torch.Tensor] | None = None  # (last output, normalised)
-        self._dev_table: torch.Tensor | None = None  # sums on an accelerator, see _acc
+        self._dev_pending: torch.Tensor | None = None  # pending sums on an accelerator, see _acc
         self.forwards = 0
         self._in_model_forward = False
         self._gate_hooks_this_forward = 0
@@ -131,12 +138,7 @@ class ActivationCollector:
 
     def _end_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         self._in_model_forward = False
-        if (
-            self.gate_grads
-            and module.training
-            and torch.is_grad_enabled()
-            and not self._gate_hooks_this_forward
-        ):
+        if self.gate_grads and torch.is_grad_enabled() and not self._gate_hooks_this_forward:
             raise user_error(
                 "'gate_fisher' reads the gradient of each decoder layer's output, but this training forward "
                 "produced no layer output that requires grad (a checkpointing wrapper that runs the layers "
@@ -156,7 +158,7 @@ class ActivationCollector:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             # only the model's own training forward: a checkpointing wrapper that recomputes the layer in
             # the backward (outside the model forward) must not count it twice or out of order
-            if not module.training or not self._in_model_forward:
+            if not self._in_model_forward or not (module.training or torch.is_grad_enabled()):
                 return
             h_in = kwargs.get("hidden_states", args[0] if args else None)
             h_out = output[0] if isinstance(output, tuple | list) else output
@@ -170,15 +172,28 @@ class ActivationCollector:
 
     @torch.no_grad()
     def _acc(self, device: torch.device) -> torch.Tensor:
-        """Where this forward's sums go: the table itself on CPU; a float64 twin on an accelerator (no
-        device-to-host copy, hence no sync, per layer; :meth:`table` adds it in)."""
+        """Where this forward's sums go: the pending table on CPU; a float64 twin on an accelerator (no
+        device-to-host copy, hence no sync, per layer; :meth:`commit` adds it in)."""
         if device.type == "cpu":
-            return self._table
-        if self._dev_table is None or self._dev_table.device != device:
-            if self._dev_table is not None:
-                self._table += self._dev_table.cpu()
-            self._dev_table = torch.zeros_like(self._table, device=device)
-        return self._dev_table
+            return self._pending
+        if self._dev_pending is None or self._dev_pending.device != device:
+            if self._dev_pending is not None:
+                self._pending += self._dev_pending.cpu()
+            self._dev_pending = torch.zeros_like(self._table, device=device)
+        return self._dev_pending
+
+    @torch.no_grad()
+    def commit(self, ok: bool) -> None:
+        """End of an optimizer step: add its forwards' sums to the table (``ok``) or discard them (a step
+        whose gradients were non-finite, or that a loss scaler skipped). Pending tables are zeroed in place:
+        gradient hooks of this step's graph hold them."""
+        if ok:
+            self._table += self._pending
+            if self._dev_pending is not None:
+                self._table += self._dev_pending.cpu()
+        self._pending.zero_()
+        if self._dev_pending is not None:
+            self._dev_pending.zero_()
 
     @staticmethod
     def _unit(h: torch.Tensor) -> torch.Tensor:
@@ -245,11 +260,21 @@ class ActivationCollector:
 
     # ---- results --------------------------------------------------------------------------------
     def table(self) -> torch.Tensor:
-        """This process's partial table (a CPU copy; see the module docstring for the layout)."""
-        out = self._table.clone()
-        if self._dev_table is not None:
-            out += self._dev_table.cpu()
-        return out
+        """This process's partial table of the committed steps (a CPU copy; layout: module docstring)."""
+        return self._table.clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The committed partial table and the spans it was collected for (resume inside the window)."""
+        return {"table": self._table.clone(), "spans": list(self.spans), "gate_grads": self.gate_grads}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the spans and gate setting must match this collector's)."""
+        if list(state["spans"]) != list(self.spans) or bool(state["gate_grads"]) != self.gate_grads:
+            raise AssertionError("activation statistics of another criterion / budget")
+        if tuple(state["table"].shape) != tuple(self._table.shape):
+            raise AssertionError("activation table of another model")
+        self._table = state["table"].clone().to(torch.float64)
+        self.commit(False)
 
     def remove(self) -> None:
         """Remove every hook and free the buffered states (idempotent)."""

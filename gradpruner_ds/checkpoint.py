@@ -1,10 +1,12 @@
-"""Checkpoints that carry GradPruner's state without pickle.
+"""Checkpoints that carry GradPruner's state (``GradPruner.state_dict()``) without pickle.
 
 Layout, inside a checkpoint folder (for DeepSpeed: ``<save_dir>/<tag>/gradpruner/``):
 
-* ``state.json`` (rank 0): schema version, gradpruner-ds version, config digest, world size, optimizer
-  steps seen in the window, and the plan (JSON with its digest) once the model is pruned;
-* ``igia_rank<r>.safetensors`` (every rank, only during the window): that rank's IGIA pieces.
+* ``state.json`` (rank 0): schema version, gradpruner-ds version, config digest, world size, step counts
+  of the window, and the plan (JSON with its digest) once the model is pruned;
+* ``stats_rank<r>.safetensors`` (every rank, only during the window): that rank's pieces of every
+  statistic the criterion collects (IGIA, hidden-state sums). The nesting of the state (which tensor is
+  where) is kept as JSON in the file's metadata, per rank: ranks may hold differently laid out pieces.
 
 Every file is written atomically. Resuming replays the surgery from the plan BEFORE the engine loads
 its own checkpoint, so the engine sees the pruned structure it saved.
@@ -23,61 +25,48 @@ from gradpruner_ds.core.plan import PrunePlan
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.io import atomic_write_bytes, atomic_write_text
 
-STATE_SCHEMA_VERSION = 1
+STATE_SCHEMA_VERSION = 2
 SUBDIR = "gradpruner"
+_TENSOR = "__tensor__"
 
 
-def _flatten(acc_state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {"step_sq_norms": acc_state["step_sq_norms"].contiguous()}
-    for k, v in acc_state["sum_sq"].items():
-        out[f"sum_sq/{k}"] = v.contiguous()
-    for k, steps in acc_state["factors"].items():
-        for i, (b, a) in enumerate(steps):
-            out[f"factors/{k}/{i}/B"] = b.contiguous()
-            out[f"factors/{k}/{i}/A"] = a.contiguous()
-    return out
+def _split(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    """``obj`` with every tensor replaced by ``{"__tensor__": name}`` (the tensor goes to ``tensors``)."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {_TENSOR: path}
+    if isinstance(obj, dict):
+        return {str(k): _split(v, tensors, f"{path}/{k}") for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_split(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
+    return obj
 
 
-def _unflatten(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    sum_sq: dict[str, torch.Tensor] = {}
-    factors: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    for name, t in tensors.items():
-        if name.startswith("sum_sq/"):
-            sum_sq[name[len("sum_sq/") :]] = t
-        elif name.startswith("factors/"):
-            key, idx, which = name[len("factors/") :].rsplit("/", 2)
-            factors.setdefault(key, {}).setdefault(int(idx), {})[which] = t
-    return {
-        "mode": meta["mode"],
-        "keys": meta["keys"],
-        "steps": meta["steps"],
-        "skipped": meta["skipped"],
-        "sum_sq": sum_sq,
-        "factors": {k: [(v[i]["B"], v[i]["A"]) for i in sorted(v)] for k, v in factors.items()},
-        "step_sq_norms": tensors["step_sq_norms"],
-    }
+def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {_TENSOR}:
+            return tensors[obj[_TENSOR]]
+        return {k: _join(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join(v, tensors) for v in obj]
+    return obj
 
 
 def save_pruner_state(pruner: Any, folder: str | Path) -> None:
-    """Write this rank's GradPruner state into ``folder`` (call on every rank)."""
+    """Write this rank's ``pruner.state_dict()`` into ``folder`` (call on every rank)."""
     from safetensors.torch import save as st_save
 
     folder = Path(folder)
-    rank, world = pruner.backend.rank, pruner.backend.world_size
-    meta: dict[str, Any] = {
-        "schema_version": STATE_SCHEMA_VERSION,
-        "gradpruner_version": __version__,
-        "config_digest": pruner.config.config_digest(),
-        "world_size": world,
-        "steps_seen": pruner.steps_seen,
-        "num_layers": pruner.num_layers,
-        "plan": json.loads(pruner.plan.to_json()) if pruner.plan is not None else None,
-    }
-    if pruner.acc is not None:
-        acc = pruner.acc.state_dict()
-        meta.update(mode=acc["mode"], keys=acc["keys"], steps=acc["steps"], skipped=acc["skipped"])
-        atomic_write_bytes(folder / f"igia_rank{rank}.safetensors", st_save(_flatten(acc)))
+    state = pruner.state_dict()
+    stats = state.pop("statistics")
+    rank = pruner.backend.rank
+    if state["plan"] is None:  # inside the window (a file even when nothing is measured: checked on load)
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = _split(stats, tensors, "s")
+        blob = st_save(tensors, metadata={"skeleton": json.dumps(skeleton)})
+        atomic_write_bytes(folder / f"stats_rank{rank}.safetensors", blob)
     if rank == 0:
+        meta = {"schema_version": STATE_SCHEMA_VERSION, "gradpruner_version": __version__, **state}
         atomic_write_text(folder / "state.json", json.dumps(meta, indent=2, sort_keys=True))
 
 
@@ -107,48 +96,89 @@ def read_state(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_pruner_state(pruner: Any, folder: str | Path) -> PrunePlan | None:
-    """Restore this rank's GradPruner state from ``folder``; returns the saved plan if the model was
-    already pruned (the caller replays the surgery). Raises ``gradpruner:`` errors on any mismatch."""
-    from safetensors.torch import load_file
+def _read_statistics(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
 
-    folder = Path(folder)
-    meta = read_state(folder)
-    if meta["config_digest"] != pruner.config.config_digest():
-        raise user_error(
-            "the gradpruner block must be the same as when the checkpoint was saved",
-            "config digest differs",
-            "resume with the original gradpruner settings",
-        )
-    if meta["num_layers"] != pruner.num_layers:
-        raise user_error(
-            "the checkpoint was saved for a model with another number of decoder layers",
-            f"{meta['num_layers']} in the checkpoint, {pruner.num_layers} now",
-            "build the same (dense) model as the run that saved the checkpoint",
-        )
-    pruner.steps_seen = int(meta["steps_seen"])
-    if meta["plan"] is not None:
-        plan = PrunePlan.from_dict(meta["plan"])
-        return plan
-    if meta["world_size"] != pruner.backend.world_size:
-        raise user_error(
-            "resuming inside the observation window needs the same world size (IGIA is saved per rank shard)",
-            f"saved with {meta['world_size']} ranks, now {pruner.backend.world_size}",
-            "resume with the original number of ranks, or restart the window",
-        )
-    path = folder / f"igia_rank{pruner.backend.rank}.safetensors"
     if not path.exists():
         raise user_error(
-            "every rank's IGIA file must be in the checkpoint", str(path), "restore the checkpoint folder"
+            "every rank's statistics file must be in the checkpoint",
+            str(path),
+            "restore the checkpoint folder",
         )
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as fh:
+            skeleton = json.loads((fh.metadata() or {})["skeleton"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except Exception as exc:  # safetensors raises its own error types for truncated files
         raise user_error(
-            "a rank's IGIA file must be a valid safetensors file",
+            "a rank's statistics file must be a valid safetensors file written by gradpruner-ds",
             f"{path}: {exc}",
             "restore the checkpoint folder",
         ) from None
-    assert pruner.acc is not None
-    pruner.acc.load_state_dict(_unflatten(tensors, meta))
-    return None
+    return _join(skeleton, tensors)
+
+
+def load_pruner_state(pruner: Any, folder: str | Path) -> PrunePlan | None:
+    """Restore this rank's GradPruner state from ``folder`` (``pruner.load_state_dict``); returns the saved
+    plan if the model was already pruned (the caller replays the surgery). ``gradpruner:`` errors on any
+    mismatch."""
+    folder = Path(folder)
+    state = read_state(folder)
+    if state.get("plan") is None and state.get("world_size") == pruner.backend.world_size:
+        stats = _read_statistics(folder / f"stats_rank{pruner.backend.rank}.safetensors")
+    else:  # after the prune nothing is measured any more; another world size is refused by the pruner
+        stats = {"igia": None, "activations": None}
+    return pruner.load_state_dict({**state, "statistics": stats})
+
+
+COMPLETE = "complete.json"
+"""Marker in ``<tag>/gradpruner/`` written once every rank's files (the engine's and GradPruner's) exist."""
+
+
+def commit_checkpoint(save_dir: str | Path, tag: str, rank: int, wait_all: Any) -> None:
+    """Make checkpoint ``tag`` visible: after ``wait_all()`` (every rank has written and closed its files),
+    rank 0 writes the completion marker (each file of the tag with its size), then moves ``latest`` to
+    ``tag`` atomically. A rank that dies at any earlier point leaves ``latest`` on the previous, intact
+    checkpoint."""
+    folder = Path(save_dir) / tag
+    wait_all()
+    if rank == 0:
+        files = {
+            str(p.relative_to(folder)): p.stat().st_size
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != COMPLETE
+        }
+        atomic_write_text(folder / SUBDIR / COMPLETE, json.dumps({"tag": tag, "files": files}, indent=1))
+        atomic_write_text(Path(save_dir) / "latest", tag)
+    wait_all()
+
+
+def _complete(folder: Path) -> bool:
+    """True when the marker exists and every file it lists is there with its size."""
+    try:
+        files = json.loads((folder / SUBDIR / COMPLETE).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((folder / f).is_file() and (folder / f).stat().st_size == n for f, n in files.items())
+
+
+def resolve_tag(load_dir: str | Path, tag: str | None) -> str:
+    """The tag to resume from (``latest`` when ``tag`` is None), checked complete; an incomplete one is a
+    ``gradpruner:`` error that names the newest complete checkpoint in the folder."""
+    load_dir = Path(load_dir)
+    if tag is None:
+        latest = load_dir / "latest"
+        if not latest.exists():
+            raise user_error("a checkpoint folder must name its latest tag", str(latest), "pass tag=...")
+        tag = latest.read_text().strip()
+    if not _complete(load_dir / tag):
+        intact = sorted(
+            (p for p in load_dir.iterdir() if p.is_dir() and _complete(p)), key=lambda p: p.stat().st_mtime
+        )
+        hint = f"resume with tag='{intact[-1].name}' (the newest complete one)" if intact else "start over"
+        raise user_error(
+            "a checkpoint must be complete (every rank's files written, then marked) to resume from it",
+            f"'{tag}' in {load_dir} has no valid {SUBDIR}/{COMPLETE}",
+            hint,
+        )
+    return tag

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -12,9 +14,56 @@ from gradpruner_ds.core.plan import PrunePlan
 from gradpruner_ds.errors import GradPrunerError
 
 
-def all_reduce_sum_(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
-    """In-place SUM over the group (float64 and int64 tensors included)."""
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+def _wait(work: Any, timeout_s: float | None, what: str) -> None:
+    """Wait for an async collective, at most ``timeout_s`` (None: no limit)."""
+    if timeout_s is None:
+        work.wait()
+        return
+    try:
+        finished = work.wait(timeout=timedelta(seconds=timeout_s))
+    except RuntimeError as exc:
+        raise GradPrunerError(
+            f"gradpruner: not every rank reached {what} within consensus_timeout_s={timeout_s}s ({exc}). "
+            "Fix: look for a rank that failed earlier in its log; raise consensus_timeout_s for very slow ranks"
+        ) from exc
+    if finished is False:
+        raise GradPrunerError(
+            f"gradpruner: not every rank reached {what} within consensus_timeout_s={timeout_s}s. "
+            "Fix: look for a rank that failed earlier in its log"
+        )
+
+
+def all_reduce_sum_(
+    t: torch.Tensor, group: dist.ProcessGroup | None = None, timeout_s: float | None = None, what: str = ""
+) -> None:
+    """In-place SUM over the group (float64 and int64 tensors included), bounded by ``timeout_s``."""
+    work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    _wait(work, timeout_s, what or "a GradPruner all-reduce")
+
+
+def check_same_settings(
+    settings: dict[str, Any], timeout_s: float, group: dist.ProcessGroup | None = None
+) -> None:
+    """Every rank runs GradPruner with the same settings: one MIN/MAX all-reduce of their digest, before any
+    other collective of GradPruner; on a mismatch every rank raises an error naming the fields that differ."""
+    blob = json.dumps(settings, sort_keys=True, default=str)
+    words = digest_tensor(hashlib.sha256(blob.encode()).hexdigest())
+    both = torch.cat([words, -words])
+    _wait(
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group, async_op=True),
+        timeout_s,
+        "the settings check",
+    )
+    if torch.equal(both[:4], -both[4:]):
+        return
+    every: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, settings, group=group)
+    fields = sorted({k for s in every for k in s if any(s.get(k) != o.get(k) for o in every)})
+    values = {k: [s.get(k) for s in every] for k in fields}
+    raise GradPrunerError(
+        f"gradpruner: every rank must run GradPruner with the same settings, but these differ (value per rank): "
+        f"{values}. Fix: give every rank the same gradpruner block and flags"
+    )
 
 
 def digest_tensor(hex_digest: str) -> torch.Tensor:
@@ -56,3 +105,11 @@ def check_same_plan(plan: PrunePlan, timeout_s: float, group: dist.ProcessGroup 
             "Fix: every rank must run the same model, config and data-parallel setup; report this as a bug "
             "if they do"
         )
+
+
+def wait_all(
+    timeout_s: float, group: dist.ProcessGroup | None = None, what: str = "a GradPruner step"
+) -> None:
+    """A barrier bounded by ``timeout_s``: every rank has arrived, or this rank raises a ``gradpruner:``
+    error naming ``what`` (a rank that died or hangs does not hold the others forever)."""
+    _wait(dist.all_reduce(torch.zeros(1), group=group, async_op=True), timeout_s, what)

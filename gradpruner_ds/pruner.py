@@ -14,7 +14,11 @@ Usage with any engine (plain PyTorch shown; ``gradpruner_ds.backends`` adapts De
 
 from __future__ import annotations
 
+import json
+import math
+import time
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +37,20 @@ from gradpruner_ds.arch import (
 )
 from gradpruner_ds.backends.base import Backend
 from gradpruner_ds.config import GradPrunerConfig
-from gradpruner_ds.core.igia import IGIAAccumulator, Key, keys_for, sq_norms
+from gradpruner_ds.core.igia import IGIAAccumulator, Key, sq_norms
 from gradpruner_ds.core.merge import MergeRule, keep_count, kth_largest, topk_mask
 from gradpruner_ds.core.plan import PrunePlan, make_plan
 from gradpruner_ds.core.scoring import ScoreContext, get_criterion, layer_scores, partial_table
+from gradpruner_ds.diagnostics import rss_bytes
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
-from gradpruner_ds.report import build_report, write_report
+from gradpruner_ds.report import build_report, check_report_dir, write_report
 from gradpruner_ds.surgery import remove_layers
 
 log = get_logger("pruner")
+
+STEP_TIMES = 5
+"""Steps timed after the prune for the report's step-time ratio."""
 
 
 def count_params(model: nn.Module, backend: Backend | None = None) -> int:
@@ -73,51 +81,45 @@ class GradPruner:
         self.seed = seed  # only read by the 'random' criterion
         self.model = model
         self.backend = backend or Backend()
+        # before any other collective: every rank runs the same settings (a mismatch names the field)
+        self.backend.check_settings(
+            {**config.model_dump(), "total_steps": total_steps, "seed": seed}, config.consensus_timeout_s
+        )
         self.spec: ArchSpec = get_arch(model)
         self.num_layers = len(decoder_layers(model))
         self.window = config.resolve_window(total_steps)
         self.num_drop, self.num_merge = config.resolve_budget(self.num_layers)
-        self.mode = self._resolve_mode()
-        self.keys = keys_for(self.num_layers, self.spec.linear_names)
+        crit = get_criterion(config.effective_criterion)
+        # IGIA is collected only when something reads it: an IGIA criterion, or the masks of a merge
+        self.needs_igia = config.enabled and (crit.source == "igia" or self.num_merge > 0)
+        self.mode = "none"  # no gradient statistics are read
+        self.keys: list[Key] = []
         self.weights: dict[Key, nn.Parameter] = {}
         self.factors: dict[Key, tuple[nn.Parameter, nn.Parameter]] = {}
-        for layer_idx, layer in enumerate(decoder_layers(model)):
-            for name, module in layer_linears(layer, self.spec).items():
-                self.weights[(layer_idx, name)] = linear_weight(module)
-                if self.mode == "lora":
-                    pair = lora_factors(module, config.lora_adapter)
-                    assert pair is not None  # checked by _resolve_mode
-                    self.factors[(layer_idx, name)] = pair
-        if self.mode == "full":
-            frozen = [k for k, p in self.weights.items() if not p.requires_grad]
-            if frozen:
-                raise user_error(
-                    "mode 'full' reads the true gradients of the linear weights, but some are frozen",
-                    f"{len(frozen)} frozen, e.g. layer {frozen[0][0]} {frozen[0][1]}",
-                    "unfreeze them, or use mode 'lora' with peft LoRA adapters",
-                )
-        self.acc: IGIAAccumulator | None = IGIAAccumulator(
-            keys=self.keys,
-            mode=self.mode,
-            slices=self.backend.lora_slices(self.weights) if self.mode == "lora" else None,
-            owns_lora_scalars=self.backend.rank == 0,
-            window=self.window,
-        )
-        crit = get_criterion(config.effective_criterion)
+        self.acc: IGIAAccumulator | None = None
+        if self.needs_igia:
+            self._init_igia()
         self.collector: ActivationCollector | None = None
         if config.enabled and crit.source == "activation":
             assert crit.spans is not None
             self.collector = ActivationCollector(
                 model, crit.spans(self.num_drop + self.num_merge), gate_grads=crit.gate_grads
             )
+        if config.enabled and config.output_dir is not None and self.backend.rank == 0:
+            check_report_dir(Path(config.output_dir))
+        self._last_call: float | None = None
+        self._step_times: tuple[list[float], list[float]] = ([], [])
         self.steps_seen = 0
+        self.observed_steps = 0  # steps whose statistics count (finite gradients)
+        self.skipped_steps = 0  # steps left out (non-finite gradients / a skipped loss-scaler step)
+        self._warned_eval = False
         self.plan: PrunePlan | None = None
         self.report: dict[str, Any] | None = None
         self._bar: Any = None
         log.info(
-            "observing %d steps (%s gradients, criterion %s); then removing %d of %d layers (%d dropped, %d merged)",
+            "observing %d steps (%s, criterion %s); then removing %d of %d layers (%d dropped, %d merged)",
             self.window,
-            self.mode,
+            "no gradient statistics" if self.mode == "none" else f"{self.mode} gradients",
             config.effective_criterion,
             self.num_drop + self.num_merge,
             self.num_layers,
@@ -126,22 +128,142 @@ class GradPruner:
         )
 
     # ---- state --------------------------------------------------------------------------------------
-    def _resolve_mode(self) -> str:
-        first = decoder_layers(self.model)[0]
-        has_lora = any(
-            lora_factors(m, self.config.lora_adapter) is not None
-            for m in layer_linears(first, self.spec).values()
+    def _init_igia(self) -> None:
+        """The matrices IGIA is read from (every scored linear; in LoRA mode those carrying an adapter)
+        and the accumulator."""
+        config = self.config
+        linears = {
+            (i, name): module
+            for i, layer in enumerate(decoder_layers(self.model))
+            for name, module in layer_linears(layer, self.spec).items()
+        }
+        with_lora = {k for k, m in linears.items() if lora_factors(m, config.lora_adapter) is not None}
+        mode = config.mode if config.mode != "auto" else ("lora" if with_lora else "full")
+        if mode == "lora":
+            if not with_lora:
+                raise user_error(
+                    f"mode 'lora' needs peft LoRA adapters named '{config.lora_adapter}' on the scored linear layers",
+                    "no adapter found",
+                    f"wrap the model with peft (target_modules e.g. {list(self.spec.linear_names)}) or use mode "
+                    "'full'; criteria that read no gradients (e.g. 'shortgpt_bi') need no adapters",
+                )
+            bare = sorted({i for i in range(self.num_layers)} - {i for i, _ in with_lora})
+            if bare:
+                raise user_error(
+                    f"criterion '{config.effective_criterion}' scores a layer from the gradients of its LoRA "
+                    "adapters, but some decoder layers carry none (they would score 0 and be removed first)",
+                    f"layers without adapters: {bare}",
+                    "put adapters on every decoder layer, or use a criterion that reads no gradients "
+                    "(e.g. 'shortgpt_bi', the default)",
+                )
+            unscored = sorted({n for _, n in linears} - {n for _, n in with_lora})
+            if unscored and self.num_merge:
+                raise user_error(
+                    "a merge needs the IGIA of every linear of the merged layers, but some carry no LoRA adapter",
+                    unscored,
+                    "target every linear with LoRA (target_modules='all-linear'), or set num_merge to 0",
+                )
+            if unscored or len(with_lora) != len(linears):
+                log.warning(
+                    "mode 'lora': scoring only the %d of %d linears that carry a LoRA adapter; not scored: %s",
+                    len(with_lora),
+                    len(linears),
+                    unscored or "some layers' sublayers",
+                )
+            keys = [k for k in linears if k in with_lora]
+        else:
+            keys = list(linears)
+        self.mode = mode
+        self.keys = keys
+        for key in keys:
+            self.weights[key] = linear_weight(linears[key])
+            if mode == "lora":
+                pair = lora_factors(linears[key], config.lora_adapter)
+                assert pair is not None
+                self.factors[key] = pair
+        if mode == "full":
+            frozen = [k for k, p in self.weights.items() if not p.requires_grad]
+            if frozen:
+                raise user_error(
+                    "mode 'full' reads the true gradients of the linear weights, but some are frozen",
+                    f"{len(frozen)} frozen, e.g. layer {frozen[0][0]} {frozen[0][1]}",
+                    "unfreeze them, or use mode 'lora' with peft LoRA adapters, or a criterion that reads no "
+                    "gradients (e.g. 'shortgpt_bi', the default)",
+                )
+        self.acc = IGIAAccumulator(
+            keys=self.keys,
+            mode=self.mode,
+            slices=self.backend.lora_slices(self.weights) if self.mode == "lora" else None,
+            owns_lora_scalars=self.backend.rank == 0,
+            window=self.window,
         )
-        mode = self.config.mode
-        if mode == "auto":
-            mode = "lora" if has_lora else "full"
-        if mode == "lora" and not has_lora:
+
+    # ---- state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything this rank's pruner measured and decided: step counts, the plan once made, and this
+        rank's piece of every statistic it collects (IGIA, hidden-state sums). Tensors and JSON-able values
+        only; :mod:`gradpruner_ds.checkpoint` writes it without pickle."""
+        return {
+            "config_digest": self.config.config_digest(),
+            "num_layers": self.num_layers,
+            "world_size": self.backend.world_size,
+            "steps_seen": self.steps_seen,
+            "observed_steps": self.observed_steps,
+            "skipped_steps": self.skipped_steps,
+            "plan": json.loads(self.plan.to_json()) if self.plan is not None else None,
+            "statistics": {
+                "igia": self.acc.state_dict() if self.acc is not None and self.plan is None else None,
+                "activations": self.collector.state_dict() if self.collector is not None else None,
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> PrunePlan | None:
+        """Restore :meth:`state_dict` into this (dense, unpruned) pruner. Returns the saved plan when the
+        saved run was already pruned (the caller replays its surgery: :meth:`replay`), else None."""
+        if state["config_digest"] != self.config.config_digest():
             raise user_error(
-                f"mode 'lora' needs peft LoRA adapters named '{self.config.lora_adapter}' on every scored linear layer",
-                "no adapter found",
-                f"wrap the model with peft (target_modules={list(self.spec.linear_names)}) or use mode 'full'",
+                "the gradpruner block must be the same as when the checkpoint was saved",
+                "config digest differs",
+                "resume with the original gradpruner settings",
             )
-        return mode
+        if state["num_layers"] != self.num_layers:
+            raise user_error(
+                "the checkpoint was saved for a model with another number of decoder layers",
+                f"{state['num_layers']} in the checkpoint, {self.num_layers} now",
+                "build the same (dense) model as the run that saved the checkpoint",
+            )
+        if self.plan is not None:
+            raise AssertionError("load_state_dict needs the dense (unpruned) pruner")
+        self.steps_seen = int(state["steps_seen"])
+        self.observed_steps = int(state["observed_steps"])
+        self.skipped_steps = int(state["skipped_steps"])
+        if state["plan"] is not None:
+            plan = PrunePlan.from_dict(state["plan"])
+            if self.config.observe_only:  # nothing was cut: the plan is the run's result, not a surgery
+                self.plan, self.acc = plan, None
+                if self.collector is not None:
+                    self.collector.remove()
+                    self.collector = None
+                return None
+            return plan
+        if state["world_size"] != self.backend.world_size:
+            raise user_error(
+                "resuming inside the observation window needs the same world size (statistics are saved per "
+                "rank shard)",
+                f"saved with {state['world_size']} ranks, now {self.backend.world_size}",
+                "resume with the original number of ranks, or restart the window",
+            )
+        stats = state["statistics"]
+        for name, holder in (("igia", self.acc), ("activations", self.collector)):
+            if (stats.get(name) is None) != (holder is None):
+                raise user_error(
+                    "the checkpoint's statistics must be those this criterion collects",
+                    f"'{name}' {'missing' if holder is not None else 'unexpected'}",
+                    "resume with the gradpruner block of the run that saved it",
+                )
+            if holder is not None:
+                holder.load_state_dict(stats[name])
+        return None
 
     @property
     def observing(self) -> bool:
@@ -159,8 +281,10 @@ class GradPruner:
         optimizer step, once per optimizer step. A no-op outside the window."""
         if not self.observing or not self.backend.at_boundary():
             return
-        assert self.acc is not None
-        if self.mode == "full":
+        self._warn_eval_mode()
+        if self.acc is None:  # no IGIA: only the finite check of this step's gradients
+            ok = self._gradients_finite()
+        elif self.mode == "full":
             grads = self.backend.full_grads(self.weights)
             norms = sq_norms(grads.values())  # one read of each gradient piece, one host sync
             ok, scale = self.backend.step_check(grads.values(), norms, self.weights.values())
@@ -171,12 +295,34 @@ class GradPruner:
             ok, scale = self.backend.step_check(t for pair in lgrads.values() for t in pair)
             if ok:
                 self.acc.add_lora_step(lgrads, scale)
-        if not ok:
+        if self.acc is not None and not ok:
             self.acc.skip_step()
-        if not ok:
+        if self.collector is not None:  # the step's hidden-state sums count iff its gradients do
+            self.collector.commit(ok)
+        if ok:
+            self.observed_steps += 1
+        else:
+            self.skipped_steps += 1
             log.warning("step %d has non-finite gradients: not observed", self.steps_seen)
         self.steps_seen += 1
         self._progress()
+
+    def _gradients_finite(self) -> bool:
+        """True iff every trainable gradient is finite on every rank (one read of each local piece)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        pieces = [(p, g) for p in params if (g := self.backend.local_grad(p)) is not None]
+        norms = sq_norms(g for _, g in pieces)
+        ok, _ = self.backend.step_check([g for _, g in pieces], norms, [p for p, _ in pieces])
+        return ok
+
+    def _warn_eval_mode(self) -> None:
+        if self._warned_eval or unwrap_model(self.model).training:
+            return
+        self._warned_eval = True
+        log.warning(
+            "the model is in eval mode during the observation window (from_pretrained returns it so): dropout "
+            "is off while GradPruner measures; call model.train() before training if that is not intended"
+        )
 
     def _progress(self) -> None:
         if not self.config.progress_bar or self.backend.rank != 0:
@@ -193,7 +339,6 @@ class GradPruner:
     # ---- the decision ---------------------------------------------------------------------------------
     def compute_scores(self) -> list[float]:
         """Global per-layer scores: one SUM all-reduce of the packed partial table."""
-        assert self.acc is not None
         crit = get_criterion(self.config.effective_criterion)
         spans: tuple[int, ...] = ()
         if crit.source == "activation":  # hidden-state statistics replace the IGIA table
@@ -201,9 +346,18 @@ class GradPruner:
             table = self.collector.table()
             spans = self.collector.spans
             self.backend.all_reduce_sum_(table)
+            if float(table[-1].sum()) == 0.0:
+                raise user_error(
+                    f"criterion '{crit.name}' reads the hidden states of the window's training forwards, but "
+                    "it saw none that counts",
+                    "0 tokens",
+                    "run the forward with gradients enabled inside the window (not under torch.no_grad), "
+                    "and call observe() once per optimizer step after backward",
+                )
         elif crit.source == "static":  # no data: nothing to reduce
             table = torch.zeros(1, self.num_layers, dtype=torch.float64)
         else:
+            assert self.acc is not None
             weights = None
             if crit.needs_saliency or crit.needs_weight_norm:
                 weights = self.backend.local_weights(self.weights)
@@ -221,28 +375,34 @@ class GradPruner:
 
     def make_plan(self, step: int | None = None) -> PrunePlan:
         """Scores -> the frozen plan, checked for agreement across ranks."""
-        assert self.acc is not None
-        if self.acc.steps == 0:
+        if self.observed_steps == 0:
             raise user_error(
                 "the observation window must contain at least one step with finite gradients",
-                f"{self.acc.skipped} of {self.steps_seen} steps non-finite",
+                f"{self.skipped_steps} of {self.steps_seen} steps non-finite",
                 "lower the learning rate / fix the loss scale, or lengthen window_steps",
             )
-        if self.acc.skipped and self.acc.steps < (self.steps_seen + 1) // 2:
+        if self.skipped_steps and self.observed_steps < (self.steps_seen + 1) // 2:
             log.warning(
                 "only %d of %d observed steps had finite gradients: the scores rest on few steps "
                 "(lengthen window_steps, or check the loss scale / learning rate)",
-                self.acc.steps,
+                self.observed_steps,
                 self.steps_seen,
             )
         scores = self.compute_scores()
+        bad = {i: s for i, s in enumerate(scores) if not math.isfinite(s)}
+        if bad:
+            raise user_error(
+                f"every layer score must be finite (criterion '{self.config.effective_criterion}')",
+                f"non-finite scores of layers {bad}",
+                "check the model for inf/nan activations or weights; GradPruner never ranks a non-finite score",
+            )
         plan = make_plan(
             scores,
             self.num_drop,
             self.num_merge,
             criterion=self.config.effective_criterion,
-            observed_steps=self.acc.steps,
-            skipped_steps=self.acc.skipped,
+            observed_steps=self.observed_steps,
+            skipped_steps=self.skipped_steps,
             step=self.steps_seen if step is None else step,
             config_digest=self.config.config_digest(),
             model_type=str(getattr(unwrap_model(self.model).config, "model_type", "")),
@@ -263,9 +423,9 @@ class GradPruner:
 
         Returns merge statistics (global fractions of entries selected by the top-p mask and merged).
         """
-        assert self.acc is not None
         if not plan.merged:
             return {"merge": []}
+        assert self.acc is not None  # collected whenever num_merge > 0
         names = list(self.spec.linear_names)
         mkeys = [(p, n) for p in plan.merged for n in names]
         igia = {k: self.acc.igia(k).reshape(-1) for k in mkeys}
@@ -311,27 +471,47 @@ class GradPruner:
 
     # ---- the whole prune ----------------------------------------------------------------------------
     def maybe_prune(self, optimizer: Any = None, lr_scheduler: Any = None) -> tuple[Any, Any]:
-        """Prune if the window is complete; returns the (possibly rebuilt) optimizer and scheduler."""
+        """Prune if the window is complete; returns the (possibly rebuilt) optimizer and scheduler. Called
+        once per optimizer step, it also times the steps before and after the prune for the report."""
+        self._time_step()
         if not self.ready:
             return optimizer, lr_scheduler
-        return self.prune(optimizer, lr_scheduler)
+        out = self.prune(optimizer, lr_scheduler)
+        self._last_call = time.perf_counter()  # the next interval is a plain step of the smaller model
+        return out
 
     def prune(self, optimizer: Any = None, lr_scheduler: Any = None) -> tuple[Any, Any]:
-        """Plan, merge, remove the layers and rebuild the optimizer; training continues after it."""
+        """Plan, merge, remove the layers and rebuild the optimizer; training continues after it. With
+        ``observe_only`` the plan and the report are made and nothing else changes."""
+        t0 = time.perf_counter()
         plan = self.make_plan()
         if self.collector is not None:  # the activation hooks end with the window
             self.collector.remove()
             self.collector = None
         params_before = count_params(self.model, self.backend)
-        merge_stats = self.merge(plan)
-        optimizer, lr_scheduler = self._cut(plan, optimizer, lr_scheduler)
-        params_after = count_params(self.model, self.backend)
+        rss_before = rss_bytes()
+        if self.config.observe_only:
+            self.plan, self.acc = plan, None
+            params_after = params_before - sum(
+                count_params(decoder_layers(self.model)[i], self.backend) for i in plan.removed
+            )
+            merge_stats: dict[str, Any] = {"observe_only": True, "merge": []}
+        else:
+            merge_stats = self.merge(plan)
+            optimizer, lr_scheduler = self._cut(plan, optimizer, lr_scheduler)
+            params_after = count_params(self.model, self.backend)
         self.report = build_report(
-            plan, params_before=params_before, params_after=params_after, extra=merge_stats
+            plan,
+            params_before=params_before,
+            params_after=params_after,
+            extra={**merge_stats, "memory": {"rss_bytes_before": rss_before, "rss_bytes_after": rss_bytes()}},
         )
+        self.report["prune_s"] = time.perf_counter() - t0
         self._write_report()
+        self.backend.log_events(self.events(), self.steps_seen)
         log.info(
-            "pruned layers %s (dropped %s, merged %s); parameters %d -> %d (%.1f%%)",
+            "%s layers %s (dropped %s, merged %s); parameters %d -> %d (%.1f%%)",
+            "observe_only: would prune" if self.config.observe_only else "pruned",
             list(plan.removed),
             list(plan.dropped),
             [f"{p}->{t}" for p, t in plan.targets],
@@ -341,20 +521,54 @@ class GradPruner:
         )
         return optimizer, lr_scheduler
 
+    def events(self) -> dict[str, float]:
+        """Scalar events of the prune for experiment trackers (``gradpruner/...``): layers and parameters
+        before and after, steps observed / skipped, prune time, every layer's score (1.0 = removed in
+        ``gradpruner/removed/<layer>``)."""
+        if self.plan is None or self.report is None:
+            return {}
+        plan, report = self.plan, self.report
+        out = {
+            "gradpruner/layers_before": float(plan.num_layers),
+            "gradpruner/layers_after": float(plan.num_layers - len(plan.removed)),
+            "gradpruner/params_before": float(report["params_before"]),
+            "gradpruner/params_after": float(report["params_after"]),
+            "gradpruner/observed_steps": float(plan.observed_steps),
+            "gradpruner/skipped_steps": float(plan.skipped_steps),
+            "gradpruner/prune_s": float(report.get("prune_s", 0.0)),
+        }
+        for i, score in enumerate(plan.scores):
+            out[f"gradpruner/score/{i}"] = float(score)
+            out[f"gradpruner/removed/{i}"] = float(i in plan.removed)
+        return out
+
+    def _time_step(self) -> None:
+        """Wall time between consecutive maybe_prune calls (= one optimizer step): the steps of the window
+        and the first ``STEP_TIMES`` steps after the prune, added to the report once measured."""
+        now = time.perf_counter()
+        last, self._last_call = self._last_call, now
+        if last is None:
+            return
+        if self.plan is None:
+            self._step_times[0].append(now - last)
+        elif len(self._step_times[1]) < STEP_TIMES:
+            self._step_times[1].append(now - last)
+            if len(self._step_times[1]) == STEP_TIMES and self.report is not None:
+                before, after = (sorted(t)[len(t) // 2] if t else None for t in self._step_times)
+                self.report["step_time_s"] = {
+                    "before_median": before,
+                    "after_median": after,
+                    "after_over_before": after / before if before and after else None,
+                    "steps": [len(self._step_times[0]), STEP_TIMES],
+                }
+                self._write_report()
+
     def _cut(self, plan: PrunePlan, optimizer: Any, lr_scheduler: Any) -> tuple[Any, Any]:
         """Remove the plan's layers, forget every reference to them, rebuild the optimizer/engine."""
-        removed_layers = [decoder_layers(self.model)[i] for i in plan.removed]
-        removed_params = [p for layer in removed_layers for p in layer.parameters()]
-        remove_layers(self.model, list(plan.removed))
-        unwrap_model(self.model).config.gradpruner = {
-            "plan_digest": plan.digest(),
-            "kept_layers": list(plan.kept),
-            "original_num_layers": plan.num_layers,
-        }
+        removed_params = apply_surgery(self.model, plan)
         self.plan = plan
         self.acc = None  # frees the IGIA state
         self.weights, self.factors = {}, {}  # no reference to removed parameters may survive
-        del removed_layers
         return self.backend.rebuild(self.model, removed_params, optimizer, lr_scheduler)
 
     def replay(self, plan: PrunePlan, optimizer: Any = None, lr_scheduler: Any = None) -> tuple[Any, Any]:
@@ -373,8 +587,47 @@ class GradPruner:
         return self._cut(plan, optimizer, lr_scheduler)
 
     def _write_report(self) -> None:
+        """Write the report on rank 0. A failure here (disk full, folder gone) must not end a run whose
+        expensive part is done: it is logged and training goes on."""
         if self.config.output_dir is None or self.backend.rank != 0:
             return
         assert self.plan is not None and self.report is not None
-        paths = write_report(Path(self.config.output_dir), self.report, self.plan, plot=self.config.plot)
+        try:
+            paths = write_report(Path(self.config.output_dir), self.report, self.plan, plot=self.config.plot)
+        except Exception as exc:  # noqa: BLE001 - any failure to write is reported, never fatal
+            log.warning(
+                "could not write the GradPruner report to %s (%s); training goes on",
+                self.config.output_dir,
+                exc,
+            )
+            return
         log.info("report written: %s", ", ".join(str(p) for p in paths))
+
+
+def apply_surgery(model: nn.Module, plan: PrunePlan) -> list[nn.Parameter]:
+    """Remove the plan's layers from ``model`` and record the plan in its config (``config.gradpruner``, saved
+    with the model); returns the removed parameters (for the engine's rebuild to forget)."""
+    removed_params = [p for i in plan.removed for p in decoder_layers(model)[i].parameters()]
+    remove_layers(model, list(plan.removed))
+    unwrap_model(model).config.gradpruner = {
+        "plan_digest": plan.digest(),
+        "kept_layers": list(plan.kept),
+        "original_num_layers": plan.num_layers,
+    }
+    return removed_params
+
+
+class DisabledPruner:
+    """What a training loop holds when GradPruner is off (``--gradpruner`` not given): the same calls as
+    :class:`GradPruner`, each a no-op, so the loop needs no branch."""
+
+    plan: PrunePlan | None = None
+    observing = False
+    ready = False
+
+    def observe(self) -> None:
+        """Nothing is observed."""
+
+    def maybe_prune(self, optimizer: Any = None, lr_scheduler: Any = None) -> tuple[Any, Any]:
+        """Nothing is pruned: returns its arguments."""
+        return optimizer, lr_scheduler

@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from gradpruner_ds.core.plan import PrunePlan
+from gradpruner_ds.errors import user_error
 from gradpruner_ds.io import atomic_write_bytes, atomic_write_text
+from gradpruner_ds.log import get_logger
+
+log = get_logger("report")
 
 REPORT_JSON = "gradpruner_report.json"
 REPORT_PNG = "gradpruner_scores.png"
@@ -77,15 +81,40 @@ def plot_scores(plan: PrunePlan, title: str = "") -> bytes:
     return buf.getvalue()
 
 
+def check_report_dir(output_dir: Path) -> None:
+    """Before step 0: the report folder can be created and written (a ``gradpruner:`` error otherwise, so a
+    run never fails after its prune for want of a folder); an earlier run's report there is announced."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(output_dir / ".gradpruner-write-check", b"")
+        (output_dir / ".gradpruner-write-check").unlink()
+    except OSError as exc:
+        raise user_error(
+            "the report folder (output_dir) must be writable",
+            f"{output_dir}: {exc}",
+            "pass a writable output_dir",
+        ) from None
+    if (output_dir / REPORT_JSON).exists():
+        log.warning("%s holds an earlier run's report: this run's replaces it at the prune", output_dir)
+
+
 def write_report(
     output_dir: str | Path, report: Mapping[str, Any], plan: PrunePlan, plot: bool = True
 ) -> list[Path]:
-    """Write the report JSON, the plan JSON and (optionally) the PNG, atomically; returns the paths."""
+    """Write the report JSON, the plan JSON and (optionally) the PNG, atomically; returns the paths. An
+    earlier run's PNG that this run does not replace is removed (no stale plot beside a new report)."""
     out = Path(output_dir)
     paths = [out / REPORT_JSON, out / PLAN_JSON]
     atomic_write_text(paths[0], json.dumps(report, indent=2, sort_keys=True))
     atomic_write_text(paths[1], plan.to_json())
+    png = out / REPORT_PNG
     if plot:
-        paths.append(out / REPORT_PNG)
-        atomic_write_bytes(paths[2], plot_scores(plan))
+        try:
+            data = plot_scores(plan)
+        except ImportError:
+            log.warning("matplotlib is not installed: no %s (pip install 'gradpruner-ds[plot]')", REPORT_PNG)
+        else:
+            atomic_write_bytes(png, data)
+            return [*paths, png]
+    png.unlink(missing_ok=True)
     return paths

@@ -25,6 +25,8 @@ class Backend:
 
     rank: int = 0
     world_size: int = 1
+    timeout_s: float | None = None
+    """Every collective of the pruner is bounded by this (``consensus_timeout_s``; set by check_settings)."""
 
     def at_boundary(self) -> bool:
         """True when the gradients are complete for an optimizer step (always, for plain PyTorch:
@@ -38,6 +40,10 @@ class Backend:
     def all_true(self, flag: bool) -> bool:
         """True iff ``flag`` holds on every rank."""
         return flag
+
+    def check_settings(self, settings: dict[str, Any], timeout_s: float) -> None:
+        """Fail on every rank if any rank runs other GradPruner settings (no-op in one process)."""
+        self.timeout_s = timeout_s
 
     def check_plan(self, plan: PrunePlan, timeout_s: float) -> None:
         """Fail on every rank if any rank holds a different plan (no-op in one process)."""
@@ -61,6 +67,10 @@ class Backend:
         return self.all_true(bool(torch.isfinite(norms).all())), 1.0
 
     # ---- reading gradients and weights ------------------------------------------------------------
+    def local_grad(self, p: nn.Parameter) -> torch.Tensor | None:
+        """This rank's reduced gradient piece of any trainable parameter (None if it has none)."""
+        return p.grad
+
     def full_grads(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, torch.Tensor]:
         """This rank's reduced (data-parallel averaged, clipped) gradient piece of each weight."""
         out = {}
@@ -113,6 +123,9 @@ class Backend:
 
     def store_weight(self, param: nn.Parameter, local_piece: torch.Tensor) -> None:
         """Write back a weight piece from ``local_weights`` after an edit (no-op: it is a view)."""
+
+    def log_events(self, events: Mapping[str, float], step: int) -> None:
+        """Send the prune's scalar events to the engine's experiment tracker (none here)."""
 
     # ---- continuing after the surgery -------------------------------------------------------------
     def rebuild(

@@ -18,7 +18,8 @@ re-collects the kept units and the dropped ones are released.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +34,12 @@ from gradpruner_ds.errors import user_error
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+@contextlib.contextmanager
+def gather_full(params: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """The whole values of DTensor parameters on every rank (one all-gather each: a collective)."""
+    yield [p.full_tensor() if hasattr(p, "full_tensor") else p for p in params]
 
 
 class FSDP2Backend(ShardedBackend):
@@ -74,6 +81,9 @@ class FSDP2Backend(ShardedBackend):
                 )
             out[key] = _local(p.grad).reshape(-1)
         return out
+
+    def local_grad(self, p: nn.Parameter) -> torch.Tensor | None:
+        return None if p.grad is None else _local(p.grad)
 
     def _local_grad(self, p: nn.Parameter) -> torch.Tensor:
         if p.grad is None:

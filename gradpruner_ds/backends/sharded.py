@@ -8,6 +8,7 @@ whole shape (``_shape``)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,11 @@ class ShardedBackend(Backend):
     group: dist.ProcessGroup | None = None
 
     def all_reduce_sum_(self, t: torch.Tensor) -> None:
-        gdist.all_reduce_sum_(t, self.group)
+        gdist.all_reduce_sum_(t, self.group, self.timeout_s)
+
+    def check_settings(self, settings: dict[str, Any], timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        gdist.check_same_settings(settings, timeout_s, self.group)
 
     def all_true(self, flag: bool) -> bool:
         t = torch.tensor([0 if flag else 1], dtype=torch.int64)

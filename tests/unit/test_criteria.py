@@ -95,6 +95,8 @@ def test_collector_matches_hidden_states_and_ignores_padding():
     ids, mask = _padded_batch()
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert col.table().abs().sum().item() == 0.0  # pending until the step is committed
+    col.commit(True)
     hs = out.hidden_states  # hs[l] = input of layer l for l < 4 (hs[4] is after the final norm)
     table = col.table()
     col.remove()
@@ -118,6 +120,7 @@ def test_collector_tables_of_two_shards_add_up_to_the_whole_batch():
     whole = ActivationCollector(model, spans=(1, 3))
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
+    whole.commit(True)
     t_whole = whole.table()
     whole.remove()
     parts = []
@@ -125,6 +128,7 @@ def test_collector_tables_of_two_shards_add_up_to_the_whole_batch():
         col = ActivationCollector(model, spans=(1, 3))
         with torch.no_grad():
             model(input_ids=ids[sl], attention_mask=mask[sl])
+        col.commit(True)
         parts.append(col.table())
         col.remove()
     torch.testing.assert_close(parts[0] + parts[1], t_whole, rtol=1e-5, atol=1e-6)
@@ -136,6 +140,7 @@ def test_collector_skips_eval_forwards_and_removes_its_hooks():
     model.eval()
     with torch.no_grad():
         model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    col.commit(True)
     assert col.table().abs().sum().item() == 0.0
     col.remove()
     assert all(not layer._forward_hooks for layer in model.model.layers)
@@ -206,6 +211,7 @@ def test_gate_gradients_match_autograd_and_add_up_over_shards():
     model.zero_grad()
     whole = ActivationCollector(model, spans=(1,), gate_grads=True)
     _sum_loss(model, ids, mask).backward()
+    whole.commit(True)
     t_whole = whole.table()
     whole.remove()
     model.zero_grad()
@@ -218,6 +224,7 @@ def test_gate_gradients_match_autograd_and_add_up_over_shards():
     for sl in (slice(0, 2), slice(2, 4)):
         col = ActivationCollector(model, spans=(1,), gate_grads=True)
         _sum_loss(model, ids[sl], mask[sl]).backward()
+        col.commit(True)
         parts.append(col.table())
         col.remove()
         model.zero_grad()
@@ -274,6 +281,7 @@ def test_collector_ignores_layers_recomputed_in_the_backward():
     plain_model.train()
     plain = ActivationCollector(plain_model, spans=(1, 3), gate_grads=True)
     _sum_loss(plain_model, ids, mask).backward()
+    plain.commit(True)
     model = tiny_llama(4)
     model.train()
     _checkpoint_inner_model(model, reentrant=False)
@@ -283,6 +291,7 @@ def test_collector_ignores_layers_recomputed_in_the_backward():
     col = ActivationCollector(model, spans=(1, 3), gate_grads=True)
     _sum_loss(model, ids, mask).backward()
     assert calls == [0, 1, 2, 3, 0, 1, 2, 3]  # the forward, then the recompute in the backward
+    col.commit(True)
     torch.testing.assert_close(col.table(), plain.table(), rtol=1e-6, atol=1e-9)
     assert col.forwards == 1
 
