@@ -26,6 +26,7 @@ _LAZY = {
     "add_argparse_args": "gradpruner_ds.args",
     "resolve_config": "gradpruner_ds.args",
     "save_checkpoint": "gradpruner_ds.backends.deepspeed",
+    "save_pretrained": "gradpruner_ds.export",
     "load_checkpoint": "gradpruner_ds.backends.deepspeed",
 }
 

@@ -15,13 +15,14 @@ Precedence: the block in ``--gradpruner_config`` (a JSON file holding just the b
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from gradpruner_ds.config import BLOCK_NAME, GradPrunerConfig, load_config
 from gradpruner_ds.errors import user_error
+from gradpruner_ds.io import read_json_file
+from gradpruner_ds.log import get_logger
 
 __all__ = ["add_argparse_args", "resolve_config", "read_block_file"]
 
@@ -52,19 +53,7 @@ def read_block_file(path: str | Path) -> dict[str, Any]:
     A file that wraps the block as ``{"gradpruner": {...}}`` (e.g. a DeepSpeed config passed by
     mistake) is accepted too, when ``gradpruner`` is its only key, or the block is taken from it.
     """
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise user_error("the --gradpruner_config file must exist", str(p), "pass a valid path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise user_error(
-            f"cannot read the --gradpruner_config file ({exc})", str(p), "pass a readable file"
-        ) from None
-    except json.JSONDecodeError as exc:
-        raise user_error(
-            "the --gradpruner_config file must be valid JSON", f"{p}: {exc}", "fix the JSON"
-        ) from None
+    data = read_json_file(path, "the --gradpruner_config")
     if not isinstance(data, dict):
         raise user_error(
             "the --gradpruner_config file must hold a JSON object (the gradpruner block)",
@@ -95,7 +84,12 @@ def resolve_config(args: argparse.Namespace, ds_config: Mapping[str, Any] | None
                 block_path,
                 "add --gradpruner (or drop --gradpruner_config)",
             )
-        load_config(ds, required=False)  # validates a present block and catches a misspelled one
+        if load_config(ds, required=False) is not None:  # validates a present block, catches a misspelled one
+            get_logger("args").warning(
+                "the DeepSpeed config has a '%s' block but --gradpruner is not given: GradPruner is off and "
+                "nothing will be pruned (add --gradpruner to prune)",
+                BLOCK_NAME,
+            )
         return None
     if block_path is not None:
         # the overridden block itself is not used; a misspelled one is still an error

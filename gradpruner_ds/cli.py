@@ -9,7 +9,10 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gradpruner_ds import __version__
+
     ap = argparse.ArgumentParser(prog="gradpruner-ds")
+    ap.add_argument("--version", action="version", version=f"gradpruner-ds {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("plan", help="dry run: GradPruner's memory and traffic on N ranks (meta device)")
     p.add_argument("--model-config", required=True, help="llama-3.1-70b, llama-3.1-8b, or a config.json path")

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gradpruner_ds.core.scoring import CRITERIA
 from gradpruner_ds.errors import GradPrunerError, user_error
+from gradpruner_ds.io import read_json_file
 
 BLOCK_NAME = "gradpruner"
 
@@ -25,7 +26,7 @@ BLOCK_NAME = "gradpruner"
 class GradPrunerConfig(BaseModel):
     """GradPruner settings. Budget: ``num_drop`` (+ ``num_merge``) or ``prune_ratio`` (+ ``num_merge``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
 
     enabled: bool = Field(True, description="Run GradPruner. false observes nothing and never prunes.")
     mode: Literal["auto", "full", "lora"] = Field(
@@ -99,6 +100,11 @@ class GradPrunerConfig(BaseModel):
         "the window instead of the ones a criterion picks. Leave criterion, num_drop and prune_ratio unset "
         "(the budget is the list's length; num_merge must be 0).",
     )
+    observe_only: bool = Field(
+        False,
+        description="Observe, score and write the report and plan, but prune nothing: training goes on with "
+        "the dense model (a dry run of the decision, e.g. to inspect the plan before committing to it).",
+    )
     lora_adapter: str = Field("default", description="peft adapter name read in 'lora' mode.")
     output_dir: str | None = Field(
         None, description="Where the report (JSON + PNG) and plan are written; none = no files."
@@ -106,7 +112,12 @@ class GradPrunerConfig(BaseModel):
     plot: bool = Field(True, description="Write a PNG plot of the layer scores next to the JSON report.")
     progress_bar: bool = Field(True, description="Show a progress bar for the observation window on rank 0.")
     consensus_timeout_s: float = Field(
-        300.0, gt=0.0, description="Seconds a rank waits for the others to agree on the plan before failing."
+        300.0,
+        gt=0.0,
+        le=604800.0,
+        description="Seconds a rank waits for the others at any GradPruner collective (the settings check, the "
+        "per-step finite check, the ranking, the plan check, the merge, the checkpoint commit) before failing "
+        "with an error; at most one week.",
     )
 
     @field_validator("criterion")
@@ -283,15 +294,11 @@ def load_config(source: Mapping[str, Any] | str | Path, *, required: bool = True
     disables pruning. ``required=False`` returns None when there is no block at all.
     """
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        try:
-            ds_config = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise user_error("the DeepSpeed config file must exist", str(path), "pass a valid path") from None
-        except json.JSONDecodeError as exc:
+        ds_config = read_json_file(source, "the DeepSpeed config")
+        if not isinstance(ds_config, dict):
             raise user_error(
-                "the DeepSpeed config must be valid JSON", f"{path}: {exc}", "fix the JSON"
-            ) from None
+                "the DeepSpeed config must hold a JSON object", type(ds_config).__name__, "write {...}"
+            )
     else:
         ds_config = dict(source)
     if BLOCK_NAME not in ds_config:

@@ -26,9 +26,10 @@ backward closures would otherwise keep it and the dropped layers alive).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -93,6 +94,14 @@ class DeepSpeedBackend(ShardedBackend):
         if hm is None:
             return 0, 0
         return hm.lp_fragment_address.start, hm.lp_fragment_address.numel
+
+    def local_grad(self, p: nn.Parameter) -> torch.Tensor | None:
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_grad
+
+            g = safe_get_local_grad(p)
+            return None if g is None else g.reshape(-1)[: self._z3_valid(p)]
+        return self._local_grad(p)
 
     def _local_grad(self, p: nn.Parameter) -> torch.Tensor:
         if self.stage == 3:
@@ -237,6 +246,13 @@ class DeepSpeedBackend(ShardedBackend):
             tp.data.copy_(target.to(tp.dtype))
         return counts
 
+    def log_events(self, events: Mapping[str, float], step: int) -> None:
+        """DeepSpeed's monitor (the config's ``tensorboard`` / ``wandb`` / ``csv_monitor`` / ``comet`` blocks):
+        it writes on rank 0 when one is enabled."""
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is not None and getattr(monitor, "enabled", False):
+            monitor.write_events([(name, value, step) for name, value in events.items()])
+
     # ---- rebuild --------------------------------------------------------------------------------------
     def rebuild(
         self,
@@ -365,15 +381,29 @@ class DeepSpeedBackend(ShardedBackend):
         carried.clear()
 
 
+@contextlib.contextmanager
+def gather_full(params: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """ZeRO-3: the whole values of ``params`` on every rank for the duration of the block (a collective)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
+        yield list(params)
+
+
+_FROM_BLOCK: Any = object()
+
+
 def for_deepspeed(
     engine: Any,
     ds_config: Mapping[str, Any],
     *,
     total_steps: int | None = None,
-    config: Any = None,
+    config: Any = _FROM_BLOCK,
 ) -> Any:
-    """A ``GradPruner`` on a DeepSpeed engine, configured by the ``"gradpruner"`` block of
-    ``ds_config`` (or by ``config``, a ``GradPrunerConfig``). Use it in the training loop as::
+    """A ``GradPruner`` on a DeepSpeed engine. ``config``: the ``GradPrunerConfig`` of
+    ``gradpruner_ds.resolve_config(args, ds_config)`` -- None when ``--gradpruner`` is not given, and then a
+    :class:`~gradpruner_ds.pruner.DisabledPruner` whose calls do nothing is returned; left out, the
+    ``"gradpruner"`` block of ``ds_config`` is used. Use it in the training loop as::
 
         loss = engine(**batch).loss
         engine.backward(loss)
@@ -382,9 +412,11 @@ def for_deepspeed(
         engine, lr_scheduler = pruner.maybe_prune(engine, lr_scheduler)   # new engine after the prune
     """
     from gradpruner_ds.config import load_config
-    from gradpruner_ds.pruner import GradPruner
+    from gradpruner_ds.pruner import DisabledPruner, GradPruner
 
-    cfg = config if config is not None else load_config(ds_config)
+    if config is None:
+        return DisabledPruner()
+    cfg = load_config(ds_config) if config is _FROM_BLOCK else config
     assert cfg is not None  # load_config(required=True) raises instead of returning None
     return GradPruner(
         engine.module, cfg, total_steps=total_steps, backend=DeepSpeedBackend(engine, ds_config)
@@ -394,16 +426,25 @@ def for_deepspeed(
 def save_checkpoint(
     engine: Any, pruner: Any, save_dir: str, tag: str | None = None, client_state: dict | None = None
 ) -> str:
-    """``engine.save_checkpoint`` plus GradPruner's state (IGIA pieces during the window, the plan
-    after it) in ``<save_dir>/<tag>/gradpruner/``. Call on every rank; returns the tag."""
+    """``engine.save_checkpoint`` plus GradPruner's state (``pruner.state_dict()``) in
+    ``<save_dir>/<tag>/gradpruner/``, committed only when every rank's files are written: ``latest`` moves
+    last (a rank that dies during the save leaves the previous checkpoint the one to resume). Call on every
+    rank; returns the tag."""
     from pathlib import Path
 
-    from gradpruner_ds.checkpoint import SUBDIR, save_pruner_state
+    from gradpruner_ds.checkpoint import SUBDIR, commit_checkpoint, save_pruner_state
+    from gradpruner_ds.dist import wait_all
 
     tag = tag or f"global_step{engine.global_steps}"
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state or {})
-    save_pruner_state(pruner, Path(save_dir) / tag / SUBDIR)
-    dist.barrier()
+    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, save_latest=False)
+    timeout = 300.0
+    if hasattr(pruner, "state_dict"):  # a DisabledPruner has nothing to save
+        save_pruner_state(pruner, Path(save_dir) / tag / SUBDIR)
+        timeout = pruner.config.consensus_timeout_s
+    group = engine.optimizer.dp_process_group
+    commit_checkpoint(
+        save_dir, tag, dist.get_rank(group), lambda: wait_all(timeout, group, "the checkpoint commit")
+    )
     return tag
 
 
@@ -411,18 +452,14 @@ def load_checkpoint(
     engine: Any, pruner: Any, load_dir: str, tag: str | None = None, lr_scheduler: Any = None
 ) -> tuple[Any, Any, dict]:
     """Resume: restore GradPruner's state, replay the surgery if the saved run was already pruned
-    (a new engine over the pruned model), then ``engine.load_checkpoint``. Returns
-    ``(engine, lr_scheduler, client_state)``."""
+    (a new engine over the pruned model), then ``engine.load_checkpoint``. ``tag`` None: the one ``latest``
+    names, which must be complete. Returns ``(engine, lr_scheduler, client_state)``."""
     from pathlib import Path
 
-    from gradpruner_ds.checkpoint import SUBDIR, load_pruner_state
+    from gradpruner_ds.checkpoint import SUBDIR, load_pruner_state, resolve_tag
 
-    if tag is None:
-        latest = Path(load_dir) / "latest"
-        if not latest.exists():
-            raise user_error("a checkpoint folder must name its latest tag", str(latest), "pass tag=...")
-        tag = latest.read_text().strip()
-    plan = load_pruner_state(pruner, Path(load_dir) / tag / SUBDIR)
+    tag = resolve_tag(load_dir, tag)
+    plan = load_pruner_state(pruner, Path(load_dir) / tag / SUBDIR) if hasattr(pruner, "state_dict") else None
     if plan is not None:
         engine, lr_scheduler = pruner.replay(plan, engine, lr_scheduler)
     _, client_state = engine.load_checkpoint(load_dir, tag=tag)

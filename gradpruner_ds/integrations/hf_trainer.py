@@ -25,17 +25,23 @@ Under a DeepSpeed config the block may also live in the DeepSpeed config (``"gra
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from gradpruner_ds.arch import unwrap_model
 from gradpruner_ds.backends.base import Backend
+from gradpruner_ds.checkpoint import SUBDIR, load_pruner_state, read_state, save_pruner_state
 from gradpruner_ds.config import GradPrunerConfig, load_config
+from gradpruner_ds.core.plan import PrunePlan
 from gradpruner_ds.errors import user_error
+from gradpruner_ds.io import atomic_write_text
 from gradpruner_ds.log import get_logger
-from gradpruner_ds.pruner import GradPruner
+from gradpruner_ds.pruner import GradPruner, apply_surgery
 
 log = get_logger("hf_trainer")
 
@@ -98,6 +104,77 @@ class GradPrunerCallback(TrainerCallback):
         self.save_final = save_final
         self.pruner: GradPruner | None = None
         self._deepspeed = False
+        self._resume: tuple[Path, dict[str, Any]] | None = None  # (gradpruner folder, its state.json)
+        self._resumed_plan: PrunePlan | None = None  # a resumed run that was pruned before its checkpoint
+        self._resumed_state: dict[str, Any] | None = None
+
+    @property
+    def plan(self) -> PrunePlan | None:
+        """The run's plan (also when the run resumed from a checkpoint saved after the prune)."""
+        return self.pruner.plan if self.pruner is not None else self._resumed_plan
+
+    # ---- resume ----------------------------------------------------------------------------------
+    def prepare_resume(self, checkpoint: str | Path, model: Any) -> None:
+        """Before ``Trainer.train(resume_from_checkpoint=...)`` loads anything: read the checkpoint's GradPruner
+        state; if the saved run was already pruned, replay the surgery on ``model`` now, so the Trainer loads the
+        pruned weights and optimizer state into the pruned architecture (and the window is not run again).
+        :func:`add_gradpruner` calls this from ``trainer.train``."""
+        folder = Path(checkpoint) / SUBDIR
+        state = read_state(folder)
+        self._resume = (folder, state)
+        self._resumed_state = state
+        if state["plan"] is None or (self.config is not None and self.config.observe_only):
+            return
+        plan = PrunePlan.from_dict(state["plan"])
+        if getattr(unwrap_model(model).config, "gradpruner", None) is None:  # not replayed yet
+            apply_surgery(model, plan)
+            if hasattr(model, "_get_fsdp_state"):  # FSDP2: forget the removed units' lazy-init bookkeeping
+                from gradpruner_ds.backends.fsdp2 import FSDP2Backend
+
+                FSDP2Backend(model).rebuild(model, [], None, None)
+        self._resumed_plan = plan
+        log.info(
+            "resuming a pruned run from %s: layers %s removed before loading it",
+            checkpoint,
+            list(plan.removed),
+        )
+
+    def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        """A callback passed in ``callbacks=[...]`` cannot see ``trainer.train(resume_from_checkpoint=...)``
+        in time; ``TrainingArguments.resume_from_checkpoint`` (how the example scripts pass it) it can."""
+        ckpt = getattr(args, "resume_from_checkpoint", None)
+        if ckpt and self._resume is None and model is not None and (Path(ckpt) / SUBDIR).is_dir():
+            self.prepare_resume(ckpt, model)
+
+    def _restore(self) -> None:
+        """At the start of a resumed run: the window's statistics and counts back into the new pruner."""
+        if self._resume is None:
+            return
+        folder, _ = self._resume
+        self._resume = None
+        if self._resumed_plan is not None:  # pruned before the checkpoint: nothing is observed any more
+            self.pruner = None
+            return
+        assert self.pruner is not None
+        plan = load_pruner_state(self.pruner, folder)
+        if plan is not None:
+            raise user_error(
+                "a checkpoint saved after the prune must be resumed through add_gradpruner (the surgery has to "
+                "come before the Trainer loads the checkpoint's weights)",
+                str(folder),
+                "add GradPruner with add_gradpruner(trainer, config) instead of callbacks=[GradPrunerCallback(...)]",
+            )
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Every Trainer checkpoint carries GradPruner's state: ``checkpoint-<step>/gradpruner/``."""
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / SUBDIR
+        if self.pruner is not None:
+            save_pruner_state(self.pruner, folder)
+        elif self._resumed_plan is not None and getattr(args, "process_index", 0) == 0:
+            assert self._resumed_state is not None
+            atomic_write_text(
+                folder / "state.json", json.dumps(self._resumed_state, indent=2, sort_keys=True)
+            )
 
     # ---- start -----------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -124,7 +201,9 @@ class GradPrunerCallback(TrainerCallback):
                     "use a DeepSpeed config, an FSDP2-sharded model (fully_shard / DistributedConfig), or one process",
                 )
         self.config = self._with_output_dir(self.config, args)
-        self.pruner = GradPruner(model, self.config, total_steps=state.max_steps, backend=backend)
+        if self._resumed_plan is None:
+            self.pruner = GradPruner(model, self.config, total_steps=state.max_steps, backend=backend)
+        self._restore()
 
     def _begin_deepspeed(self, args: Any, state: Any) -> None:
         from gradpruner_ds.backends.deepspeed import for_deepspeed
@@ -141,15 +220,21 @@ class GradPrunerCallback(TrainerCallback):
         cfg = self.config if self.config is not None else load_config(ds_config)
         assert cfg is not None
         self.config = self._with_output_dir(cfg, args)
+        self._deepspeed = True
+        if self._resumed_plan is not None:
+            self._restore()
+            return
         self.pruner = for_deepspeed(engine, ds_config, total_steps=state.max_steps, config=self.config)
         trainer.accelerator.deepspeed_engine_wrapped = _observing_engine_wrapper(engine, self.pruner)
-        self._deepspeed = True
+        self._restore()
 
     @staticmethod
     def _with_output_dir(cfg: GradPrunerConfig, args: Any) -> GradPrunerConfig:
-        if cfg.output_dir is not None:
-            return cfg
-        return cfg.model_copy(update={"output_dir": str(Path(args.output_dir) / "gradpruner")})
+        # one progress display under the Trainer: its own bar (GradPruner logs the window's start and end)
+        update: dict[str, Any] = {"progress_bar": False}
+        if cfg.output_dir is None:
+            update["output_dir"] = str(Path(args.output_dir) / "gradpruner")
+        return cfg.model_copy(update=update)
 
     # ---- window and prune ------------------------------------------------------------------------
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -169,6 +254,7 @@ class GradPrunerCallback(TrainerCallback):
             return
         if not self._deepspeed:
             self.pruner.maybe_prune(_torch_optimizer(optimizer), lr_scheduler)
+            self._log(state)
             return
         trainer = self.trainer
         old = trainer.model_wrapped
@@ -178,6 +264,20 @@ class GradPrunerCallback(TrainerCallback):
         backend: Any = self.pruner.backend  # a DeepSpeedBackend
         backend.engine = old  # one object from here on, whichever name is used
         trainer.optimizer.optimizer = old.optimizer  # accelerate's DeepSpeedOptimizerWrapper
+        self._log(state)
+
+    def _log(self, state: Any) -> None:
+        """The prune's events into the Trainer's log: ``trainer.log`` reaches every reporting integration
+        (TensorBoard, W&B, ...) and ``log_history``; a callback without the Trainer adds them to
+        ``log_history`` only."""
+        assert self.pruner is not None
+        events = self.pruner.events()
+        if not events:
+            return
+        if self.trainer is not None:
+            self.trainer.log(events)
+        else:
+            state.log_history.append({**events, "step": state.global_step})
 
     # ---- end -------------------------------------------------------------------------------------
     def on_train_end(
@@ -189,29 +289,13 @@ class GradPrunerCallback(TrainerCallback):
         processing_class: Any = None,
         **kwargs: Any,
     ) -> None:
-        if not self.save_final or self.pruner is None or self.pruner.plan is None:
+        if not self.save_final or self.plan is None or (self.config is not None and self.config.observe_only):
             return
         out = Path(args.output_dir) / "gradpruner_final"
-        backend: Any = self.pruner.backend
-        if self._deepspeed:
-            from gradpruner_ds.export import save_pretrained_layerwise
+        from gradpruner_ds.export import save_pretrained
 
-            save_pretrained_layerwise(
-                self.pruner.model, out, processing_class, rank=backend.rank, zero3=backend.stage == 3
-            )
-        elif backend.world_size > 1:
-            # FSDP2 model sharded by transformers (DistributedConfig): its save_pretrained gathers the
-            # full state dict on CPU (a collective: every rank calls it) and rank 0 writes
-            if getattr(model.config, "distributed_config", None) is None:
-                log.warning("FSDP2 model not sharded by transformers: save it with trainer.save_model()")
-                return
-            model.save_pretrained(out)
-            if processing_class is not None and backend.rank == 0:
-                processing_class.save_pretrained(out)
-        else:
-            model.save_pretrained(out)
-            if processing_class is not None:
-                processing_class.save_pretrained(out)
+        holder = self.trainer.model_wrapped if self._deepspeed and self.trainer is not None else model
+        save_pretrained(holder, out, processing_class)
         log.info("pruned model saved to %s", out)
 
 
@@ -233,4 +317,18 @@ def add_gradpruner(
         config = load_config(ds)
     cb = GradPrunerCallback(config, trainer=trainer, save_final=save_final)
     trainer.add_callback(cb)
+    train = trainer.train
+
+    def train_with_resume(resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """``trainer.train`` that first replays a checkpoint's prune (see ``prepare_resume``)."""
+        if resume_from_checkpoint:
+            if resume_from_checkpoint is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                resume_from_checkpoint = get_last_checkpoint(trainer.args.output_dir)
+            if resume_from_checkpoint is not None:
+                cb.prepare_resume(resume_from_checkpoint, trainer.model)
+        return train(resume_from_checkpoint, *args, **kwargs)
+
+    trainer.train = train_with_resume
     return cb

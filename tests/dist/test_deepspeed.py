@@ -139,8 +139,13 @@ def _disagree(rank: int, world: int, mode: str) -> dict:
     import time
 
     block = dict(BLOCK, consensus_timeout_s=5.0)
-    if rank == 1 and mode == "plan":
+    if rank == 1 and mode == "settings":
         block["keep_fraction"] = 0.31
+    if rank == 1 and mode == "plan":  # same settings, yet other scores (what a bug would do)
+        from gradpruner_ds.pruner import GradPruner
+
+        orig_scores = GradPruner.compute_scores
+        GradPruner.compute_scores = lambda self: [-s for s in orig_scores(self)]
     if rank == 1 and mode == "absent":  # trains normally, then is stuck elsewhere instead of the check
         import gradpruner_ds.dist as gdist
 
@@ -163,6 +168,13 @@ def test_ranks_with_different_plans_all_fail_fast():
         assert r["error"] is not None and r["error"].startswith(
             "gradpruner: the ranks computed different prune plans"
         )
+
+
+def test_ranks_with_different_settings_fail_at_the_start_naming_the_field():
+    results = run_ranks(_disagree, 2, "settings", barrier=False, timeout=120)
+    for r in results:
+        assert r["error"] is not None and "every rank must run GradPruner with the same settings" in r["error"]
+        assert "'keep_fraction': [0.3, 0.31]" in r["error"] and "window_steps" not in r["error"]
 
 
 def test_a_rank_that_never_reaches_the_plan_check_fails_within_the_timeout():
@@ -218,6 +230,106 @@ def test_a_rank_killed_mid_run_resumes_from_the_last_checkpoint(tmp_path, where)
         assert r["plan"]["dropped"] == f["plan"]["dropped"] and r["plan"]["targets"] == f["plan"]["targets"]
         n = len(r["losses"])
         assert r["losses"] == pytest.approx(f["losses"][-n:], abs=1e-6)
+
+
+def _crash_in_save(rank: int, world: int, where: str, ck: str) -> dict:
+    """Checkpoints after every step; during the save of step 2's checkpoint one rank dies (os._exit) at
+    ``where``: inside DeepSpeed's own save, after it and before GradPruner's state, or (rank 0) after
+    every file is written but before the commit."""
+    import os
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from gradpruner_ds import checkpoint
+
+    state = {"saves": 0}
+    if where == "engine" and rank == 1:
+        orig_zero = DeepSpeedEngine._save_zero_checkpoint
+
+        def zero_save(self, *a, **kw):
+            if self.global_steps == 2:
+                os._exit(3)
+            return orig_zero(self, *a, **kw)
+
+        DeepSpeedEngine._save_zero_checkpoint = zero_save
+    if where in ("gradpruner", "commit"):
+        orig_state = checkpoint.save_pruner_state
+        orig_commit = checkpoint.commit_checkpoint
+
+        def save_state(pruner, folder):
+            state["saves"] += 1
+            if where == "gradpruner" and rank == 1 and state["saves"] == 2:
+                os._exit(3)
+            return orig_state(pruner, folder)
+
+        def commit(save_dir, tag, r, wait_all):
+            if where == "commit" and rank == 0 and state["saves"] == 2:
+                os._exit(3)
+            return orig_commit(save_dir, tag, r, wait_all)
+
+        checkpoint.save_pruner_state = save_state
+        checkpoint.commit_checkpoint = commit
+    return deepspeed_run(
+        rank, world, BLOCK, STEPS, 3, MICRO, GAS, CLIP, 6, False, False, False, ck, None, False, 1
+    )
+
+
+@pytest.mark.parametrize("where", ["engine", "gradpruner", "commit"])
+def test_a_rank_killed_inside_a_save_leaves_the_previous_checkpoint_resumable(tmp_path, where):
+    ck = tmp_path / "ckpt"
+    with pytest.raises(AssertionError):
+        run_ranks(_crash_in_save, 2, where, str(ck), barrier=False, timeout=90)
+    assert (ck / "latest").read_text().strip() == "global_step1"  # never moved to the broken save
+    resumed = run_ranks(
+        deepspeed_run, 2, BLOCK, STEPS, 3, MICRO, GAS, CLIP, 6, False, False, False, str(ck), None, True
+    )
+    full = reference_ds()
+    for r, f in zip(resumed, full, strict=True):
+        assert r["plan"]["dropped"] == f["plan"]["dropped"]
+        assert r["losses"] == pytest.approx(f["losses"][-len(r["losses"]) :], abs=1e-6)
+
+
+def test_resuming_an_incomplete_checkpoint_names_the_intact_one(tmp_path):
+    from gradpruner_ds.checkpoint import resolve_tag
+    from gradpruner_ds.errors import GradPrunerError
+
+    ck = tmp_path / "ckpt"
+    run_ranks(deepspeed_run, 2, BLOCK, STEPS, 3, MICRO, GAS, CLIP, 6, False, False, False, str(ck), 2)
+    assert resolve_tag(ck, None) == "global_step2"
+    (ck / "global_step3").mkdir()  # a save that died before its commit, named by hand
+    (ck / "latest").write_text("global_step3")
+    with pytest.raises(GradPrunerError, match="tag='global_step2'"):
+        resolve_tag(ck, None)
+
+
+def _with_csv_monitor(rank: int, world: int, out: str) -> dict:
+    """deepspeed_run with DeepSpeed's CSV monitor enabled in the config."""
+    from helpers import training
+
+    plain = training.ds_config
+
+    def with_monitor(*a, **kw):
+        cfg = plain(*a, **kw)
+        cfg["csv_monitor"] = {"enabled": True, "output_path": out, "job_name": "gp"}
+        return cfg
+
+    training.ds_config = with_monitor
+    return deepspeed_run(rank, world, BLOCK, STEPS, 2, MICRO, GAS, CLIP)
+
+
+def test_the_prune_reaches_deepspeeds_monitor(tmp_path):
+    """The config's csv_monitor (like tensorboard / wandb) receives the prune's events at the prune step."""
+    import csv
+
+    r0, _ = run_ranks(_with_csv_monitor, 2, str(tmp_path))
+    files = {p.name: p for p in tmp_path.rglob("gradpruner_*.csv")}
+
+    def rows(name: str) -> list[list[str]]:
+        return list(csv.reader(files[f"gradpruner_{name}.csv"].open()))[1:]
+
+    assert rows("layers_after") == [[str(BLOCK["window_steps"]), "3.0"]]  # 6 layers, 3 removed, at the prune
+    removed = [i for i in range(6) if float(rows(f"removed_{i}")[0][1]) == 1.0]
+    assert removed == sorted(r0["plan"]["dropped"] + r0["plan"]["merged"])
 
 
 _ds_full: list = []

@@ -98,7 +98,104 @@ def test_add_gradpruner_validates_the_block_before_training(tmp_path):
     ok = SimpleNamespace(
         args=SimpleNamespace(deepspeed={"gradpruner": {"window_steps": 2, "num_drop": 1}}),
         add_callback=added.append,
+        train=lambda *a, **k: None,
     )
     cb = add_gradpruner(ok)
     assert added == [cb] and cb.config.num_drop == 1 and cb.trainer is ok
     assert not any(tmp_path.iterdir())
+
+
+def _resume_args(out, save: bool = True) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=8,
+        learning_rate=1e-3,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="steps" if save else "no",
+        save_steps=2,
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+
+
+BLOCK = {"window_steps": 3, "num_drop": 2, "progress_bar": False, "plot": False}
+
+
+def _logits(model):
+    ids = batches(1, seed=11)[0]["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trainer_full")
+    model = tiny_llama(6)
+    trainer = Trainer(model=model, args=_resume_args(out), train_dataset=_Data())
+    from gradpruner_ds.integrations.hf_trainer import add_gradpruner
+
+    cb = add_gradpruner(trainer, BLOCK)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"out": out, "plan": cb.plan, "losses": losses, "logits": _logits(model)}
+
+
+@pytest.mark.parametrize("at", [2, 4])
+def test_trainer_resumes_from_its_own_checkpoint_inside_the_window_and_after_the_prune(tmp_path, uninterrupted, at):
+    """Trainer.train(resume_from_checkpoint=...) with add_gradpruner: from checkpoint-2 (inside the 3-step
+    window) the window is finished with the saved statistics; from checkpoint-4 (after the prune) the pruned
+    architecture is rebuilt before the Trainer loads weights and optimizer, and nothing is observed again.
+    Both end with the uninterrupted run's plan, losses and model."""
+    from gradpruner_ds.integrations.hf_trainer import add_gradpruner
+
+    ckpt = uninterrupted["out"] / f"checkpoint-{at}"
+    assert (ckpt / "gradpruner" / "state.json").exists()
+    model = tiny_llama(6)  # the dense model, as a user rebuilds it
+    trainer = Trainer(model=model, args=_resume_args(tmp_path, save=False), train_dataset=_Data())
+    cb = add_gradpruner(trainer, BLOCK)
+    trainer.train(resume_from_checkpoint=str(ckpt))
+    assert cb.plan is not None and cb.plan.dropped == uninterrupted["plan"].dropped
+    assert cb.plan.scores == pytest.approx(uninterrupted["plan"].scores, rel=1e-6)
+    assert model.config.num_hidden_layers == 4 and trainer.state.global_step == 8
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses == pytest.approx(uninterrupted["losses"], abs=1e-5)  # the history of steps 1..at is restored
+    torch.testing.assert_close(_logits(model), uninterrupted["logits"], rtol=1e-5, atol=1e-5)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "gradpruner_final").config.num_hidden_layers == 4
+
+
+def test_a_plain_callback_resumes_when_the_arguments_name_the_checkpoint(tmp_path, uninterrupted):
+    """callbacks=[GradPrunerCallback(...)] sees TrainingArguments.resume_from_checkpoint at the Trainer's init
+    (the example scripts' way); a checkpoint handed only to trainer.train() cannot be seen in time and the
+    Trainer's own optimizer load fails loudly (add_gradpruner handles that form)."""
+    ckpt = str(uninterrupted["out"] / "checkpoint-4")
+    args = _resume_args(tmp_path, save=False)
+    args.resume_from_checkpoint = ckpt
+    model = tiny_llama(6)
+    cb = GradPrunerCallback(BLOCK)
+    trainer = Trainer(model=model, args=args, train_dataset=_Data(), callbacks=[cb])
+    trainer.train(resume_from_checkpoint=ckpt)
+    torch.testing.assert_close(_logits(model), uninterrupted["logits"], rtol=1e-5, atol=1e-5)
+    blind = Trainer(model=tiny_llama(6), args=_resume_args(tmp_path, save=False), train_dataset=_Data(),
+                    callbacks=[GradPrunerCallback(BLOCK)])  # fmt: skip
+    with pytest.raises(ValueError, match="parameter group"):
+        blind.train(resume_from_checkpoint=ckpt)
+
+
+def test_the_prune_reaches_the_trainer_log(tmp_path):
+    """add_gradpruner: the prune's events go through trainer.log (every reporting integration and
+    log_history) at the step of the prune."""
+    from gradpruner_ds.integrations.hf_trainer import add_gradpruner
+
+    trainer = Trainer(model=tiny_llama(6), args=_resume_args(tmp_path, save=False), train_dataset=_Data())
+    add_gradpruner(trainer, BLOCK)
+    trainer.train()
+    rows = [h for h in trainer.state.log_history if "gradpruner/layers_after" in h]
+    assert len(rows) == 1 and rows[0]["step"] == 3
+    assert rows[0]["gradpruner/layers_before"] == 6 and rows[0]["gradpruner/layers_after"] == 4
+    assert sum(rows[0][f"gradpruner/removed/{i}"] for i in range(6)) == 2
+    assert rows[0]["gradpruner/params_after"] < rows[0]["gradpruner/params_before"]

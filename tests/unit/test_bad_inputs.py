@@ -39,6 +39,11 @@ def _observed(tmp: Path, **kw) -> GradPruner:
     return p
 
 
+def _json_file(tmp: Path, text: str) -> None:
+    (tmp / "c.json").write_text(text)
+    load_config(tmp / "c.json")
+
+
 def _plan_text() -> str:
     return make_plan(
         [1.0, 2.0, 3.0, 4.0], 1, 0, criterion="igia_sum", observed_steps=2, skipped_steps=0, step=2, config_digest="x"
@@ -63,13 +68,13 @@ def _no_layers() -> None:
 
 
 def _lora_without_adapters() -> None:
-    pruner(mode="lora")
+    pruner(mode="lora", criterion="igia_sum")
 
 
 def _frozen_full_mode() -> None:
     model = tiny_llama(4)
     model.model.layers[2].mlp.down_proj.weight.requires_grad_(False)
-    pruner(model)
+    pruner(model, criterion="igia_sum")
 
 
 def _unknown_family() -> None:
@@ -113,7 +118,7 @@ def _ckpt_other_config(tmp: Path) -> None:
 
 def _ckpt_truncated_igia(tmp: Path) -> None:
     save_pruner_state(_observed(tmp), tmp / "ck")
-    f = tmp / "ck" / "igia_rank0.safetensors"
+    f = tmp / "ck" / "stats_rank0.safetensors"
     f.write_bytes(f.read_bytes()[:100])
     load_pruner_state(_observed(tmp), tmp / "ck")
 
@@ -146,6 +151,15 @@ CASES: list[tuple[str, str, Callable[..., object], str]] = [
     ("cfg-ratio-one", "prune_ratio: 1.0", lambda t: cfg(num_drop=None, prune_ratio=1.0), "'prune_ratio'"),
     ("cfg-timeout", "consensus_timeout_s: 0", lambda t: cfg(consensus_timeout_s=0), "'consensus_timeout_s'"),
     ("cfg-bool-type", 'sign_consistent: "maybe"', lambda t: cfg(sign_consistent="maybe"), "'sign_consistent'"),
+    ("cfg-bool-for-int", "num_drop: true (a boolean where an integer belongs)", lambda t: cfg(num_drop=True), "'num_drop'"),
+    ("cfg-string-for-int", 'num_drop: "2" (a string where an integer belongs)', lambda t: cfg(num_drop="2"), "'num_drop'"),
+    ("cfg-int-for-bool", "sign_consistent: 1 (an integer where a boolean belongs)", lambda t: cfg(sign_consistent=1), "'sign_consistent'"),
+    ("cfg-duplicate-key", "num_drop twice in the block of a DeepSpeed config file", lambda t: _json_file(t, '{"gradpruner": {"window_steps": 2, "num_drop": 1, "num_drop": 3}}'), "'num_drop' twice"),
+    ("cfg-two-blocks", 'two "gradpruner" blocks in a DeepSpeed config file', lambda t: _json_file(t, '{"gradpruner": {"window_steps": 2, "num_drop": 1}, "gradpruner": {"window_steps": 2, "num_drop": 3}}'), "'gradpruner' twice"),
+    ("cfg-given-and-criterion", "layers_to_remove together with a criterion", lambda t: GradPrunerConfig.from_dict({"window_steps": 2, "layers_to_remove": [1], "criterion": "obd"}), "do not apply"),
+    ("cfg-given-and-protected", "a layer both in layers_to_remove and protect_layers", lambda t: GradPrunerConfig.from_dict({"window_steps": 2, "layers_to_remove": [1], "protect_layers": [1]}), "both in layers_to_remove"),
+    ("cfg-layer-out-of-range", "protect_layers naming a layer the model does not have", lambda t: pruner(protect_layers=[7]), "decoder-layer indices in [0, 4)"),
+    ("cfg-protect-too-many", "protect_layers leaving too few layers for the budget", lambda t: pruner(num_drop=2, protect_layers=[0, 1, 2]), "must fit among"),
     ("block-not-object", '"gradpruner": [1, 2]', lambda t: load_config({"gradpruner": [1]}), "must be a JSON object"),
     ("block-misspelled", '"grad_pruner": {...}', lambda t: load_config({"grad_pruner": OK}), "looks like a misspelling"),
     ("block-missing", "--gradpruner without a block", lambda t: load_config({"train_batch_size": 8}), "needs a 'gradpruner' block"),
@@ -172,7 +186,7 @@ CASES: list[tuple[str, str, Callable[..., object], str]] = [
     ("ckpt-world-size", "a world size that changed on resume inside the window", _world_changed, "same world size"),
     ("ckpt-version", "a checkpoint from another GradPruner state version", _ckpt_version, "schema_version"),
     ("ckpt-config", "resuming with other gradpruner settings", _ckpt_other_config, "must be the same as when"),
-    ("ckpt-truncated", "a truncated per-rank IGIA file", _ckpt_truncated_igia, "valid safetensors"),
+    ("ckpt-truncated", "a truncated per-rank statistics file", _ckpt_truncated_igia, "valid safetensors"),
     ("ckpt-missing", "a checkpoint folder without GradPruner state", _ckpt_missing, "must contain state.json"),
 ]
 
@@ -188,7 +202,7 @@ def test_bad_input_gives_a_clear_error_and_writes_nothing(tmp_path, case_id, wha
     assert phrase in msg, msg
     assert "Fix:" in msg or "fix" in msg.lower(), msg
     # nothing but the inputs the case itself prepared
-    written = {p.name for p in out.rglob("*")} - {"c.json", "ck", "state.json", "igia_rank0.safetensors"}
+    written = {p.name for p in out.rglob("*")} - {"c.json", "ck", "state.json", "stats_rank0.safetensors"}
     assert not written, written
 
 

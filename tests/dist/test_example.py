@@ -1,0 +1,96 @@
+"""The README's DeepSpeed snippet, copied literally (``launch/example_deepspeed.py``, checked to be the
+README's text), run the way users run it: under torchrun, mpirun and the deepspeed launcher, with and
+without ``--gradpruner``. The model is a tiny random Llama saved with ``save_pretrained`` (loaded through
+``from_pretrained`` as the snippet does)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from helpers.procs import ROOT, launch, tool
+from helpers.ranks import free_port
+
+pytestmark = pytest.mark.dist
+
+EXAMPLE = ROOT / "launch" / "example_deepspeed.py"
+BLOCK = {"window_steps": 2, "num_drop": 2, "progress_bar": False, "plot": False}
+
+
+def _snippet_lines() -> list[str]:
+    text = EXAMPLE.read_text()
+    body = text[text.index("import argparse") :]
+    return [line for line in body.splitlines() if line.strip()]
+
+
+def test_the_readme_shows_the_example_file_verbatim():
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("```python\nimport argparse") :]
+    block = block[len("```python\n") : block.index("\n```")]
+    assert [line for line in block.splitlines() if line.strip()] == _snippet_lines()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    sys.path.insert(0, str(ROOT))
+    from launch.train import load_tokenizer, tiny_model
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    tok = load_tokenizer()
+    tiny_model(len(tok), 6, seed=0).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _run(launcher: list[str], tmp_path: Path, model_dir: Path, gradpruner: bool, stage: int = 3) -> str:
+    ds = tmp_path / "ds.json"
+    ds.write_text(
+        json.dumps(
+            {
+                "train_batch_size": 4,
+                "train_micro_batch_size_per_gpu": 2,
+                "gradient_clipping": 1.0,
+                "zero_optimization": {"stage": stage, "reduce_bucket_size": 100000},
+                "gradpruner": BLOCK,
+            }
+        )
+    )
+    args = [str(EXAMPLE), "--model", str(model_dir), "--steps", "4", "--output_dir", str(tmp_path / "out"),
+            "--deepspeed_config", str(ds)] + (["--gradpruner"] if gradpruner else [])  # fmt: skip
+    return launch([*launcher, *args], timeout=240)
+
+
+def _layers(tmp_path: Path) -> int:
+    from transformers import AutoModelForCausalLM
+
+    return len(AutoModelForCausalLM.from_pretrained(tmp_path / "out").model.layers)
+
+
+@pytest.mark.skipif(tool("torchrun") is None, reason="torchrun not installed")
+def test_example_under_torchrun_zero3_prunes_and_saves(tmp_path, model_dir):
+    torchrun = [tool("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    _run(torchrun, tmp_path, model_dir, gradpruner=True)
+    assert _layers(tmp_path) == 4
+
+
+@pytest.mark.skipif(tool("torchrun") is None, reason="torchrun not installed")
+def test_example_without_the_flag_warns_and_does_not_prune(tmp_path, model_dir):
+    torchrun = [tool("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    log = _run(torchrun, tmp_path, model_dir, gradpruner=False)
+    assert "--gradpruner is not given: GradPruner is off and nothing will be pruned" in log
+    assert _layers(tmp_path) == 6
+
+
+@pytest.mark.skipif(tool("mpirun") is None, reason="mpirun not installed")
+def test_example_under_mpirun_zero2(tmp_path, model_dir):
+    _run([tool("mpirun"), "-np", "2", sys.executable], tmp_path, model_dir, gradpruner=True, stage=2)
+    assert _layers(tmp_path) == 4
+
+
+@pytest.mark.skipif(tool("deepspeed") is None, reason="the deepspeed launcher is not installed")
+def test_example_under_the_deepspeed_launcher_zero1(tmp_path, model_dir):
+    launcher = [tool("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    _run(launcher, tmp_path, model_dir, gradpruner=True, stage=1)
+    assert _layers(tmp_path) == 4
