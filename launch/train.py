@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the package lives in the repo root
     sys.path.insert(0, str(ROOT))
 
-DEFAULT_TASK = ROOT.parent / "shared" / "data" / "bigbench" / "intent_recognition.json"
+DEFAULT_TASK = ROOT / "data" / "bigbench" / "intent_recognition.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def load_tokenizer() -> Any:
     """The SmolLM2 tokenizer from the float-checkpoint cache (converted from the GGUF file if needed)."""
     from transformers import AutoTokenizer
 
-    from gradpruner_ds.models import load_smollm2, prepare_tokenizer, smollm2_cache_path
+    from launch.models import load_smollm2, prepare_tokenizer, smollm2_cache_path
 
     path = smollm2_cache_path()
     if not (path / "tokenizer.json").is_file():
@@ -220,11 +220,7 @@ def global_steps(loader: Any, sampler: Any, gas: int) -> Iterator[list[dict[str,
 # --------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(model: Any, tokenizer: Any, out_dir: Path, *, rank: int, zero3: bool) -> None:
-    """The final pruned model as an HF checkpoint (see ``gradpruner_ds.export.save_pretrained_layerwise``)."""
-    from gradpruner_ds.export import save_pretrained_layerwise
 
-    save_pretrained_layerwise(model, out_dir, tokenizer, rank=rank, zero3=zero3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,12 +330,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from torch.utils.data.distributed import DistributedSampler
 
     from gradpruner_ds.arch import decoder_layers
-    from gradpruner_ds.tasks import build_train_dataset, collate, evaluate_choices, load_task, split_task
+    from launch.tasks import build_train_dataset, collate, evaluate_choices, load_task, split_task
 
     # ---- model and data ----
     t0 = time.perf_counter()
     if args.model == "smollm2":
-        from gradpruner_ds.models import load_smollm2
+        from launch.models import load_smollm2
 
         model, tokenizer = load_smollm2()
     else:
@@ -493,12 +489,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # ---- save the (pruned) model ----
     final_dir = out_dir / "final"
     module = engine.module if use_ds else model
-    if args.lora:  # the saved model is the pruned base with the trained adapters merged into it
-        module = module.merge_and_unload()
     zero3 = use_ds and int(engine.zero_optimization_stage()) == 3
-    if not args.no_save:
+    if not args.no_save:  # LoRA: the saved model is the pruned base with the trained adapters merged in
+        from gradpruner_ds.export import save_pretrained
+
         t0 = time.perf_counter()
-        save_checkpoint(module, tokenizer, final_dir, rank=rank, zero3=zero3)
+        save_pretrained(engine if use_ds else model, final_dir, tokenizer)
         log(f"final model written to {final_dir} ({time.perf_counter() - t0:.1f}s)")
     if use_ds:
         dist.barrier()

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-DEFAULT_TASK = ROOT.parent / "shared" / "data" / "bigbench" / "intent_recognition.json"
+DEFAULT_TASK = ROOT / "data" / "bigbench" / "intent_recognition.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +75,7 @@ def load_model(args: argparse.Namespace, vocab_size: int) -> Any:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from gradpruner_ds.models import load_smollm2, smollm2_cache_path
+    from launch.models import load_smollm2, smollm2_cache_path
 
     src = smollm2_cache_path()
     if args.tiny:
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             raise SystemExit("train_hf.py: pass --gradpruner_config PATH (or --no_gradpruner)")
 
-    from gradpruner_ds.tasks import build_train_dataset, collate, load_task, split_task
+    from launch.tasks import build_train_dataset, collate, load_task, split_task
 
     tok = load_tokenizer()
     split = split_task(load_task(args.task), seed=0)

@@ -47,9 +47,9 @@ sys.path.insert(0, str(ROOT))
 from gradpruner_ds.activations import ActivationCollector  # noqa: E402
 from gradpruner_ds.config import GradPrunerConfig  # noqa: E402
 from gradpruner_ds.core.scoring import CRITERIA, ScoreContext, layer_scores, partial_table  # noqa: E402
-from gradpruner_ds.models import load_smollm2  # noqa: E402
 from gradpruner_ds.pruner import GradPruner  # noqa: E402
-from gradpruner_ds.tasks import build_train_dataset, collate, evaluate_choices, load_task, split_task  # noqa: E402
+from launch.models import load_smollm2  # noqa: E402
+from launch.tasks import build_train_dataset, collate, evaluate_choices, load_task, split_task  # noqa: E402
 
 ARM_RE = re.compile(
     r"^(?P<crit>[a-z_]+)@(?P<budget>[0-9.]+)(?:\+m(?P<merge>\d+))?(?P<rule>-nosign|-laco)?(?P<lora>~lora)?"

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TASK = ROOT.parent / "shared" / "data" / "bigbench" / "intent_recognition.json"
+TASK = ROOT / "data" / "bigbench" / "intent_recognition.json"
 
 
 def _have_gguf() -> bool:
-    from gradpruner_ds.models import smollm2_gguf_dir
+    from launch.models import smollm2_gguf_dir
 
     try:
         smollm2_gguf_dir()

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradpruner_ds import models
 from gradpruner_ds.log import get_logger
-from gradpruner_ds.models import (
+from launch import models
+from launch.models import (
     SMOLLM2_CACHE_NAME,
     default_cache_dir,
     load_smollm2,
@@ -23,9 +23,9 @@ from gradpruner_ds.models import (
     smollm2_cache_path,
     smollm2_gguf_dir,
 )
-from gradpruner_ds.tasks import evaluate_choices, load_task, predict_choices, score_choices
+from launch.tasks import evaluate_choices, load_task, predict_choices, score_choices
 
-PIQA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "piqa"
+PIQA = Path(__file__).resolve().parents[2] / "data" / "piqa"
 _log = get_logger("tests.smollm2")
 
 

@@ -1,4 +1,4 @@
-"""Unit tests for gradpruner_ds.tasks: loading the real task files, splits, training items, scoring.
+"""Unit tests for launch/tasks.py (the demo and benchmark task data): loading the real task files, splits, training items, scoring.
 
 No pretrained model: scoring is checked on a tiny random Llama with a character-level tokenizer.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradpruner_ds.tasks import (
+from launch.tasks import (
     IGNORE_INDEX,
     ChoiceExample,
     build_train_dataset,
@@ -25,7 +25,7 @@ from gradpruner_ds.tasks import (
     split_task,
 )
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 BIGBENCH = DATA / "bigbench"
 PIQA = DATA / "piqa"
 
