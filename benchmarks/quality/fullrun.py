@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"
 TASKS = {
     "intent_recognition": DATA / "bigbench" / "intent_recognition.json",
     "piqa": DATA / "piqa",
