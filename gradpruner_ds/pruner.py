@@ -35,7 +35,7 @@ from gradpruner_ds.arch import (
     lora_factors,
     unwrap_model,
 )
-from gradpruner_ds.backends.base import Backend
+from gradpruner_ds.backends.base import Backend, EngineAdapter
 from gradpruner_ds.config import GradPrunerConfig
 from gradpruner_ds.core.igia import IGIAAccumulator, Key, sq_norms
 from gradpruner_ds.core.merge import MergeRule, keep_count, kth_largest, topk_mask
@@ -53,7 +53,7 @@ STEP_TIMES = 5
 """Steps timed after the prune for the report's step-time ratio."""
 
 
-def count_params(model: nn.Module, backend: Backend | None = None) -> int:
+def count_params(model: nn.Module, backend: EngineAdapter | None = None) -> int:
     """Total number of model parameters (whole tensors, also when the engine shards them)."""
     total = 0
     for p in model.parameters():
@@ -74,13 +74,13 @@ class GradPruner:
         config: GradPrunerConfig,
         *,
         total_steps: int | None = None,
-        backend: Backend | None = None,
+        backend: EngineAdapter | None = None,
         seed: int = 0,
     ) -> None:
         self.config = config
         self.seed = seed  # only read by the 'random' criterion
         self.model = model
-        self.backend = backend or Backend()
+        self.backend: EngineAdapter = backend or Backend()
         # before any other collective: every rank runs the same settings (a mismatch names the field)
         self.backend.check_settings(
             {**config.model_dump(), "total_steps": total_steps, "seed": seed}, config.consensus_timeout_s

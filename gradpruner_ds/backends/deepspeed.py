@@ -313,6 +313,16 @@ class DeepSpeedBackend(ShardedBackend):
         self._restore_state(carried, step, moments)
         return engine, lr_scheduler
 
+    def rebind(self, old: Any) -> None:
+        """Make the torn-down engine object ``old`` the current (rebuilt) engine: both share one attribute
+        dict, so code that holds ``old`` (the HF Trainer's inner loop keeps it in a local variable) drives the
+        pruned engine, and this backend uses ``old`` from now on."""
+        new = self.engine
+        if type(old) is not type(new):
+            raise TypeError(f"cannot rebind a {type(old).__name__} to a {type(new).__name__}")
+        object.__setattr__(old, "__dict__", new.__dict__)
+        self.engine = old
+
     def _save_state(self, kept: list[nn.Parameter], moments: bool) -> dict[int, dict[str, Any]]:
         """This rank's piece of each kept parameter's fp32 master and (once the optimizer has
         stepped) Adam moments — local copies, no gather."""

@@ -36,6 +36,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def is_fsdp2(model: Any) -> bool:
+    """True when ``model`` is the root of an FSDP2 (``fully_shard``) tree."""
+    return hasattr(model, "_get_fsdp_state")
+
+
 @contextlib.contextmanager
 def gather_full(params: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
     """The whole values of DTensor parameters on every rank (one all-gather each: a collective)."""
@@ -52,7 +57,7 @@ class FSDP2Backend(ShardedBackend):
                 "none",
                 "call torch.distributed.init_process_group first",
             )
-        if not hasattr(model, "_get_fsdp_state"):
+        if not is_fsdp2(model):
             raise user_error(
                 "the FSDP2 backend needs the root model wrapped with fully_shard",
                 type(model).__name__,

@@ -16,7 +16,7 @@ Under a DeepSpeed config the block may also live in the DeepSpeed config (``"gra
   Trainer's optimizer and scheduler objects (kept parameters keep their state); DeepSpeed gets a new
   engine over the pruned module with fp32 masters, Adam moments, step, LR schedule and counters carried
   (``DeepSpeedBackend.rebuild``). The Trainer's loop holds the engine in a local variable, so the old
-  engine object is turned into the new one (:func:`rebind_engine`): every holder of it (the loop,
+  engine object is turned into the new one (``DeepSpeedBackend.rebind``): every holder of it (the loop,
   ``trainer.model_wrapped``, ``trainer.deepspeed``, accelerate) trains the pruned model from the next step.
 * **Save.** At the end of training the pruned model is written with ``save_pretrained``-compatible files
   to ``<output_dir>/gradpruner_final`` (rank 0 writes; ZeRO-3 is gathered one layer at a time; FSDP2
@@ -45,25 +45,12 @@ from gradpruner_ds.pruner import GradPruner, apply_surgery
 
 log = get_logger("hf_trainer")
 
-__all__ = ["GradPrunerCallback", "add_gradpruner", "rebind_engine"]
+__all__ = ["GradPrunerCallback", "add_gradpruner"]
 
 
 def _torch_optimizer(optimizer: Any) -> Any:
     """accelerate wraps the torch optimizer (AcceleratedOptimizer.optimizer)."""
     return getattr(optimizer, "optimizer", optimizer)
-
-
-def rebind_engine(old: Any, new: Any) -> None:
-    """Make the (torn-down) engine object ``old`` the engine ``new``: both share one attribute dict.
-
-    ``DeepSpeedBackend.rebuild`` returns a new ``DeepSpeedEngine``; code that holds the old object (the
-    Trainer's inner loop keeps it in a local variable) would otherwise call a shell. After this call
-    ``old`` and ``new`` are two names of one engine state: every attribute read or written through
-    either (including by the new engine's hooks, which are bound to ``new``) is the same.
-    """
-    if type(old) is not type(new):
-        raise TypeError(f"cannot rebind a {type(old).__name__} to a {type(new).__name__}")
-    object.__setattr__(old, "__dict__", new.__dict__)
 
 
 def _observing_engine_wrapper(engine: Any, pruner: GradPruner) -> Any:
@@ -128,9 +115,9 @@ class GradPrunerCallback(TrainerCallback):
         plan = PrunePlan.from_dict(state["plan"])
         if getattr(unwrap_model(model).config, "gradpruner", None) is None:  # not replayed yet
             apply_surgery(model, plan)
-            if hasattr(model, "_get_fsdp_state"):  # FSDP2: forget the removed units' lazy-init bookkeeping
-                from gradpruner_ds.backends.fsdp2 import FSDP2Backend
+            from gradpruner_ds.backends.fsdp2 import FSDP2Backend, is_fsdp2
 
+            if is_fsdp2(model):  # forget the removed units' lazy-init bookkeeping
                 FSDP2Backend(model).rebuild(model, [], None, None)
         self._resumed_plan = plan
         log.info(
@@ -188,9 +175,9 @@ class GradPrunerCallback(TrainerCallback):
                 'pass GradPrunerCallback({"prune_ratio": 0.3, ...}) or add_gradpruner(trainer, {...})',
             )
         backend: Backend
-        if hasattr(model, "_get_fsdp_state"):
-            from gradpruner_ds.backends.fsdp2 import FSDP2Backend
+        from gradpruner_ds.backends.fsdp2 import FSDP2Backend, is_fsdp2
 
+        if is_fsdp2(model):
             backend = FSDP2Backend(model)
         else:
             backend = Backend()
@@ -254,19 +241,18 @@ class GradPrunerCallback(TrainerCallback):
             return
         if not self._deepspeed:
             self.pruner.maybe_prune(_torch_optimizer(optimizer), lr_scheduler)
-            self._log(state)
+            self._log(state, control)
             return
         trainer = self.trainer
         old = trainer.model_wrapped
         # the scheduler DeepSpeed holds (the Trainer's, handed to deepspeed.initialize) is carried
-        new, _ = self.pruner.maybe_prune(old, None)
-        rebind_engine(old, new)
+        self.pruner.maybe_prune(old, None)
         backend: Any = self.pruner.backend  # a DeepSpeedBackend
-        backend.engine = old  # one object from here on, whichever name is used
+        backend.rebind(old)  # the loop's engine object becomes the rebuilt engine
         trainer.optimizer.optimizer = old.optimizer  # accelerate's DeepSpeedOptimizerWrapper
-        self._log(state)
+        self._log(state, control)
 
-    def _log(self, state: Any) -> None:
+    def _log(self, state: Any, control: Any) -> None:
         """The prune's events into the Trainer's log: ``trainer.log`` reaches every reporting integration
         (TensorBoard, W&B, ...) and ``log_history``; a callback without the Trainer adds them to
         ``log_history`` only."""
@@ -275,7 +261,9 @@ class GradPrunerCallback(TrainerCallback):
         if not events:
             return
         if self.trainer is not None:
-            self.trainer.log(events)
+            should_log = control.should_log  # trainer.log ends with on_log, which clears it: the step's own
+            self.trainer.log(events)  # loss would then not be logged
+            control.should_log = should_log
         else:
             state.log_history.append({**events, "step": state.global_step})
 

@@ -199,3 +199,12 @@ def test_the_prune_reaches_the_trainer_log(tmp_path):
     assert rows[0]["gradpruner/layers_before"] == 6 and rows[0]["gradpruner/layers_after"] == 4
     assert sum(rows[0][f"gradpruner/removed/{i}"] for i in range(6)) == 2
     assert rows[0]["gradpruner/params_after"] < rows[0]["gradpruner/params_before"]
+
+
+def test_the_prune_events_leave_the_trainers_own_logging_alone(tmp_path):
+    from gradpruner_ds.integrations.hf_trainer import add_gradpruner
+
+    trainer = Trainer(model=tiny_llama(6), args=_resume_args(tmp_path, save=False), train_dataset=_Data())
+    add_gradpruner(trainer, BLOCK)
+    trainer.train()
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == list(range(1, 9))
