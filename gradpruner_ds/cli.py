@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,16 +36,53 @@ def main(argv: list[str] | None = None) -> int:
 
         print(config_reference_markdown(), end="")
         return 0
-    from gradpruner_ds.config import GradPrunerConfig
-    from gradpruner_ds.scale import KNOWN, dry_run, format_dry_run
+    from gradpruner_ds.errors import GradPrunerError
+    from gradpruner_ds.scale import format_dry_run
 
+    try:
+        d = _plan(args)
+    except GradPrunerError as exc:  # a user mistake: one line, no traceback
+        print(exc, file=sys.stderr)
+        return 2
+    print(json.dumps(d.as_dict(), indent=2) if args.json else format_dry_run(d))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> Any:
+    """The dry run of ``gradpruner-ds plan``, every argument checked first (``gradpruner:`` errors)."""
+    from gradpruner_ds.config import GradPrunerConfig
+    from gradpruner_ds.errors import user_error
+    from gradpruner_ds.io import loads_json, read_json_file
+    from gradpruner_ds.scale import KNOWN, dry_run
+
+    if args.world_size < 1:
+        raise user_error(
+            "--world-size must be at least 1", args.world_size, "pass the number of ranks, e.g. 64"
+        )
+    if args.lora_rank < 1:
+        raise user_error("--lora-rank must be at least 1", args.lora_rank, "pass the LoRA rank, e.g. 8")
     if args.model_config in KNOWN:
         model_cfg = KNOWN[args.model_config]
     else:
-        model_cfg = json.loads(Path(args.model_config).read_text())
+        if not Path(args.model_config).is_file():
+            raise user_error(
+                f"--model-config must be one of {sorted(KNOWN)} or a config.json file",
+                args.model_config,
+                "pass a known name or a path",
+            )
+        model_cfg = read_json_file(args.model_config, "the --model-config")
+        if not isinstance(model_cfg, dict) or "model_type" not in model_cfg:
+            raise user_error(
+                "the --model-config file must be an HF config.json (with model_type)",
+                args.model_config,
+                "fix it",
+            )
     block_src = Path(args.gradpruner)
-    block = json.loads(block_src.read_text() if block_src.exists() else args.gradpruner)
-    d = dry_run(
+    if block_src.is_file():
+        block = read_json_file(block_src, "the --gradpruner")
+    else:
+        block = loads_json(args.gradpruner, "the --gradpruner block", "(command line)")
+    return dry_run(
         model_cfg,
         GradPrunerConfig.from_dict(block),
         world_size=args.world_size,
@@ -52,8 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         lora_rank=args.lora_rank,
         name=args.model_config,
     )
-    print(json.dumps(d.as_dict(), indent=2) if args.json else format_dry_run(d))
-    return 0
 
 
 if __name__ == "__main__":

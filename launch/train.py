@@ -275,8 +275,30 @@ def _free_cores() -> int:
     return max(1, min(cores, cores - round(load)))
 
 
+def validate_args(args: argparse.Namespace) -> None:
+    """Every argument checked before any work (``gradpruner:`` errors naming the argument and the fix)."""
+    from gradpruner_ds.errors import user_error
+
+    for name, low in (("max_steps", 1), ("batch_size", 1), ("micro_batch_size", 1), ("max_length", 8),
+                      ("eval_batch_size", 1), ("tiny_layers", 2), ("eval_size", -1), ("lora", 0), ("threads", 0),
+                      ("warmup_steps", 0), ("data_seed", 0)):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise user_error(f"--{name} must be at least {low}", value, f"pass --{name} >= {low}")
+    for name in ("lr", "weight_decay", "gradient_clipping"):
+        value = getattr(args, name)
+        if value is not None and (value != value or value < 0 or (name == "lr" and value == 0)):
+            kind = "positive" if name == "lr" else "non-negative"
+            raise user_error(f"--{name} must be a {kind} number", value, f"pass e.g. --{name} {1e-4 if name == 'lr' else 0.0}")
+    if args.max_test is not None and args.max_test < 1:
+        raise user_error("--max_test must be at least 1", args.max_test, "pass a positive cap or leave it out")
+    if not Path(args.task).exists():
+        raise user_error("--task must be a BIG-bench .json file or a PIQA folder", args.task, "pass an existing path")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole run; returns the summary (also written to ``<output_dir>/summary.json`` on rank 0)."""
+    validate_args(args)
     use_ds = bool(args.deepspeed)
     if not use_ds and _launched_world_size() > 1:
         raise SystemExit("train.py: several processes were launched; multi-process training needs --deepspeed")
@@ -294,7 +316,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if use_ds:
         if not args.deepspeed_config:
             raise SystemExit("train.py: --deepspeed needs --deepspeed_config PATH (see configs/zero*.json)")
-        ds_config = json.loads(Path(args.deepspeed_config).read_text())
+        from gradpruner_ds.io import read_json_file
+
+        ds_config = read_json_file(args.deepspeed_config, "the DeepSpeed config")
     gp_cfg = resolve_config(args, ds_config)
     eval_at = _parse_eval_at(args.eval_at, args.max_steps)
     if eval_at and use_ds and int((ds_config or {}).get("zero_optimization", {}).get("stage", 0)) == 3:

@@ -168,3 +168,49 @@ def test_shipped_configs_resolve(name):
         cfg = resolve_config(parse("--gradpruner"), data)
     assert cfg is not None and cfg.enabled
     assert cfg.resolve_budget(30)[0] + cfg.resolve_budget(30)[1] == 9  # 30% of SmolLM2's 30 layers
+
+
+@pytest.mark.parametrize(
+    ("argv", "phrase"),
+    [
+        (["--max_steps", "0"], "--max_steps must be at least 1"),
+        (["--micro_batch_size", "0"], "--micro_batch_size must be at least 1"),
+        (["--lr", "0"], "--lr must be a positive number"),
+        (["--gradient_clipping", "-1"], "--gradient_clipping must be a non-negative number"),
+        (["--eval_size", "-2"], "--eval_size must be at least -1"),
+        (["--task", "no/such/task.json"], "--task must be a BIG-bench .json file"),
+        (["--deepspeed", "--deepspeed_config", "no/such/ds.json"], "the DeepSpeed config file must exist"),
+    ],
+)
+def test_train_py_arguments_are_checked_before_any_work(tmp_path, argv, phrase):
+    """launch/train.py: a bad argument is one gradpruner: line and exit code 2, nothing loaded or written."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "train.py"), *argv, "--output_dir", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("gradpruner: ") and phrase in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "phrase"),
+    [
+        (["--model-config", "llama-3.1-8b", "--world-size", "0"], "--world-size must be at least 1"),
+        (["--model-config", "no-such.json", "--world-size", "8"], "--model-config must be one of"),
+        (["--model-config", "llama-3.1-8b", "--world-size", "8", "--gradpruner", "{oops"], "must be valid JSON"),
+        (["--model-config", "llama-3.1-8b", "--world-size", "8", "--gradpruner",
+          '{"window_steps": 4, "num_drop": 2, "num_drop": 3}'], "'num_drop' twice"),
+        (["--model-config", "llama-3.1-8b", "--world-size", "8", "--lora-rank", "0"], "--lora-rank must be at least 1"),
+    ],
+)  # fmt: skip
+def test_cli_plan_arguments_are_checked(capsys, argv, phrase):
+    from gradpruner_ds.cli import main
+
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gradpruner: ") and phrase in err
