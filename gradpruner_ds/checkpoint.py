@@ -60,7 +60,8 @@ def save_pruner_state(pruner: Any, folder: str | Path) -> None:
     state = pruner.state_dict()
     stats = state.pop("statistics")
     rank = pruner.backend.rank
-    if state["plan"] is None:  # inside the window (a file even when nothing is measured: checked on load)
+    # inside the window (a file even when nothing is measured: checked on load) or during the distillation
+    if state["plan"] is None or stats.get("recovery") is not None:
         tensors: dict[str, torch.Tensor] = {}
         skeleton = _split(stats, tensors, "s")
         blob = st_save(tensors, metadata={"skeleton": json.dumps(skeleton)})
@@ -124,10 +125,13 @@ def load_pruner_state(pruner: Any, folder: str | Path) -> PrunePlan | None:
     mismatch."""
     folder = Path(folder)
     state = read_state(folder)
-    if state.get("plan") is None and state.get("world_size") == pruner.backend.world_size:
-        stats = _read_statistics(folder / f"stats_rank{pruner.backend.rank}.safetensors")
+    path = folder / f"stats_rank{pruner.backend.rank}.safetensors"
+    if (state.get("plan") is None and state.get("world_size") == pruner.backend.world_size) or (
+        state.get("plan") is not None and path.exists()  # saved during the distillation after the prune
+    ):
+        stats = _read_statistics(path)
     else:  # after the prune nothing is measured any more; another world size is refused by the pruner
-        stats = {"igia": None, "activations": None}
+        stats = {"igia": None, "activations": None, "recovery": None}
     return pruner.load_state_dict({**state, "statistics": stats})
 
 

@@ -23,6 +23,26 @@ from gradpruner_ds.io import read_json_file
 BLOCK_NAME = "gradpruner"
 
 
+class RecoveryConfig(BaseModel):
+    """In-job recovery by self-distillation after the prune: the model just before the prune is the teacher."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    distill_steps: int = Field(
+        ge=1,
+        description="Optimizer steps after the prune during which the KL term is added; then the teacher is freed.",
+    )
+    temperature: float = Field(
+        2.0, gt=0.0, description="Softmax temperature of teacher and student (KL scaled by T^2)."
+    )
+    weight: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="loss = (1 - weight) * task loss + weight * T^2 * KL(teacher || student).",
+    )
+
+
 class GradPrunerConfig(BaseModel):
     """GradPruner settings. Budget: ``num_drop`` (+ ``num_merge``) or ``prune_ratio`` (+ ``num_merge``)."""
 
@@ -99,6 +119,13 @@ class GradPrunerConfig(BaseModel):
         description="A plan given by hand: these decoder layers (original indices) are dropped at the end of "
         "the window instead of the ones a criterion picks. Leave criterion, num_drop and prune_ratio unset "
         "(the budget is the list's length; num_merge must be 0).",
+    )
+    recovery: RecoveryConfig | None = Field(
+        None,
+        description='In-job recovery by self-distillation: {"distill_steps": K, "temperature": 2.0, "weight": 0.5}. '
+        "For K optimizer steps after the prune, pruner.distill(loss, logits, batch) adds KL(teacher || student) "
+        "on the same batch, the teacher being a frozen copy of the model just before the prune (no gradients, no "
+        "optimizer state), freed afterwards. One process for now.",
     )
     observe_only: bool = Field(
         False,

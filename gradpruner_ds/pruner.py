@@ -36,6 +36,7 @@ from gradpruner_ds.arch import (
     unwrap_model,
 )
 from gradpruner_ds.backends.base import Backend, EngineAdapter
+from gradpruner_ds.backends.sharded import ShardedBackend
 from gradpruner_ds.config import GradPrunerConfig
 from gradpruner_ds.core.igia import IGIAAccumulator, Key, sq_norms
 from gradpruner_ds.core.merge import MergeRule, keep_count, kth_largest, topk_mask
@@ -44,6 +45,7 @@ from gradpruner_ds.core.scoring import ScoreContext, get_criterion, layer_scores
 from gradpruner_ds.diagnostics import rss_bytes
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
+from gradpruner_ds.recovery import Distiller
 from gradpruner_ds.report import build_report, check_report_dir, write_report
 from gradpruner_ds.surgery import remove_layers
 
@@ -107,6 +109,14 @@ class GradPruner:
             )
         if config.enabled and config.output_dir is not None and self.backend.rank == 0:
             check_report_dir(Path(config.output_dir))
+        self.distiller: Distiller | None = None
+        if config.recovery is not None and isinstance(self.backend, ShardedBackend):
+            raise user_error(
+                "recovery (in-job distillation) runs in one process for now: a teacher sharded like the student "
+                "under ZeRO / FSDP2 is not implemented",
+                type(self.backend).__name__,
+                "remove the 'recovery' sub-block for sharded runs",
+            )
         self._last_call: float | None = None
         self._step_times: tuple[list[float], list[float]] = ([], [])
         self.steps_seen = 0
@@ -214,6 +224,9 @@ class GradPruner:
             "statistics": {
                 "igia": self.acc.state_dict() if self.acc is not None and self.plan is None else None,
                 "activations": self.collector.state_dict() if self.collector is not None else None,
+                "recovery": self.distiller.state_dict()
+                if self.distiller is not None and self.distiller.active
+                else None,
             },
         }
 
@@ -237,6 +250,10 @@ class GradPruner:
         self.steps_seen = int(state["steps_seen"])
         self.observed_steps = int(state["observed_steps"])
         self.skipped_steps = int(state["skipped_steps"])
+        recovery = (state.get("statistics") or {}).get("recovery")
+        if recovery is not None and self.config.recovery is not None:  # resumed during the distillation
+            self.distiller = Distiller(self.model, self.config.recovery)  # the dense model, then its weights
+            self.distiller.load_state_dict(recovery)
         if state["plan"] is not None:
             plan = PrunePlan.from_dict(state["plan"])
             if self.config.observe_only:  # nothing was cut: the plan is the run's result, not a surgery
@@ -474,6 +491,8 @@ class GradPruner:
         """Prune if the window is complete; returns the (possibly rebuilt) optimizer and scheduler. Called
         once per optimizer step, it also times the steps before and after the prune for the report."""
         self._time_step()
+        if self.plan is not None and self.distiller is not None:  # one more step of the pruned model done
+            self.distiller.step_done()
         if not self.ready:
             return optimizer, lr_scheduler
         out = self.prune(optimizer, lr_scheduler)
@@ -497,6 +516,8 @@ class GradPruner:
             )
             merge_stats: dict[str, Any] = {"observe_only": True, "merge": []}
         else:
+            if self.config.recovery is not None:  # the teacher: the model just before the prune
+                self.distiller = Distiller(self.model, self.config.recovery)
             merge_stats = self.merge(plan)
             optimizer, lr_scheduler = self._cut(plan, optimizer, lr_scheduler)
             params_after = count_params(self.model, self.backend)
@@ -507,6 +528,11 @@ class GradPruner:
             extra={**merge_stats, "memory": {"rss_bytes_before": rss_before, "rss_bytes_after": rss_bytes()}},
         )
         self.report["prune_s"] = time.perf_counter() - t0
+        if self.distiller is not None:
+            self.report["recovery"] = {
+                **self.config.recovery.model_dump(),  # type: ignore[union-attr]
+                "teacher_bytes": self.distiller.teacher_bytes(),
+            }
         self._write_report()
         self.backend.log_events(self.events(), self.steps_seen)
         log.info(
@@ -520,6 +546,14 @@ class GradPruner:
             100.0 * params_after / params_before,
         )
         return optimizer, lr_scheduler
+
+    def distill(self, loss: torch.Tensor, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The training loss to backpropagate: ``loss`` plus, during the ``recovery.distill_steps`` steps after
+        the prune, the self-distillation term from the pre-prune teacher on the same ``batch``. Call it on
+        every micro-batch: ``loss = pruner.distill(out.loss, out.logits, batch)``."""
+        if self.distiller is None or not self.distiller.active:
+            return loss
+        return self.distiller.loss(loss, logits, batch)
 
     def events(self) -> dict[str, float]:
         """Scalar events of the prune for experiment trackers (``gradpruner/...``): layers and parameters

@@ -465,7 +465,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     pruner.observe()  # a no-op except at accumulation boundaries inside the window
                 engine.step()
             else:
-                loss = model(**batch).loss / gas
+                out = model(**batch)  # with a 'recovery' block: + the pre-prune teacher's KL term for K steps
+                loss = (out.loss if pruner is None else pruner.distill(out.loss, out.logits, batch)) / gas
                 loss.backward()
                 total += loss.item()
         if not use_ds:
@@ -480,15 +481,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             dist.all_reduce(total)
             total /= world
         step_times.append(time.perf_counter() - t_step)
-        if pruner is not None and pruner.ready:
-            t_prune = time.perf_counter()
+        if pruner is not None:  # every step: prunes at the end of the window, counts steps after it
+            pruning, t_prune = pruner.ready, time.perf_counter()
             if use_ds:
                 engine, scheduler = pruner.maybe_prune(engine, scheduler)
             else:
                 optimizer, scheduler = pruner.maybe_prune(optimizer, scheduler)
+            if pruning:
                 params = [p for p in model.parameters() if p.requires_grad]
-            prune_s = time.perf_counter() - t_prune
-            log(f"step {step + 1}: pruned to {len(decoder_layers(model))} layers in {prune_s:.1f}s")
+                prune_s = time.perf_counter() - t_prune
+                log(f"step {step + 1}: pruned to {len(decoder_layers(model))} layers in {prune_s:.1f}s")
         losses.append(float(total))
         lr_now = scheduler.get_last_lr()[0]
         state = "" if pruner is None else ("observing" if pruner.observing else "pruned" if pruner.plan else "")

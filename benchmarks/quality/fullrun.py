@@ -12,7 +12,8 @@ curve comes from one run per arm). Each run's wall clock (training only, evaluat
 summary, so arms can be compared at equal steps and at equal time.
 
 Arms (``--arms``): ``dense``; a criterion name (``shortgpt_bi``, ``angular``, ``obd``, ``igia_sum``,
-``last_layers``, ``random``, ...); ``igia_sum~lora`` (the paper's LoRA-probe score: a LoRA r=8 probe run
+``last_layers``, ``random``, ...); ``<criterion>+kd<K>`` (the product's ``recovery`` option: the pre-prune
+model distilled into the pruned one for K steps after the prune); ``igia_sum~lora`` (the paper's LoRA-probe score: a LoRA r=8 probe run
 over the same window batches with the same learning rates, its plan given to the full fine-tune
 through ``layers_to_remove``). Seeds (``--seeds``) change the data order; arms in ``--repeat`` run with
 every seed, the others with the first one only.
@@ -97,11 +98,16 @@ def jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _block(args: argparse.Namespace, arm: str, removed: list[int] | None = None) -> dict[str, Any]:
+    """The gradpruner block of an arm: ``<criterion>``, ``<criterion>+kd<K>`` (recovery by
+    self-distillation for K steps after the prune), or a plan given by hand (``removed``)."""
     block: dict[str, Any] = {"window_steps": args.window, "progress_bar": False, "plot": False}
+    criterion, _, kd = arm.partition("+kd")
+    if kd:
+        block["recovery"] = {"distill_steps": int(kd)}
     if removed is not None:
         block["layers_to_remove"] = removed
     else:
-        block.update(prune_ratio=args.budget, criterion=arm)
+        block.update(prune_ratio=args.budget, criterion=criterion)
     return block
 
 

@@ -1,0 +1,105 @@
+"""In-job recovery by self-distillation after the prune.
+
+The model just before the prune is the best teacher the pruned model can have, and it is already in the
+job: :class:`Distiller` keeps a frozen copy of it (no gradients, no optimizer state, eval mode) from the
+prune on, and for ``distill_steps`` optimizer steps adds ``T^2 * KL(teacher || student)`` on the same
+batch to the task loss:
+
+    loss = (1 - weight) * task_loss + weight * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
+
+averaged over the positions the task loss trains (``labels != -100``, shifted like the causal-LM loss;
+the attention mask when there are no labels). Then the teacher is freed. One process for now: a teacher
+sharded like the student under ZeRO-3 / FSDP2 is not implemented (the pruner refuses ``recovery`` there).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradpruner_ds.config import RecoveryConfig
+from gradpruner_ds.diagnostics import release_memory
+
+
+def distill_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Mean over masked positions of ``T^2 * KL(softmax(t / T) || softmax(s / T))`` (fp32)."""
+    t = temperature
+    log_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # [batch, positions]
+    m = mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp_min(1.0) * (t * t)
+
+
+class Distiller:
+    """The frozen pre-prune teacher and the distillation term for the first ``distill_steps`` steps."""
+
+    def __init__(self, model: nn.Module, config: RecoveryConfig) -> None:
+        self.config = config
+        self.teacher: nn.Module | None = copy.deepcopy(model)
+        self.teacher.eval()
+        self.teacher.requires_grad_(False)
+        self.steps_done = 0
+
+    @property
+    def active(self) -> bool:
+        return self.teacher is not None
+
+    def teacher_bytes(self) -> int:
+        """Memory the teacher's weights take (what recovery costs until it is freed)."""
+        if self.teacher is None:
+            return 0
+        return sum(p.numel() * p.element_size() for p in self.teacher.parameters())
+
+    def loss(
+        self, task_loss: torch.Tensor, student_logits: torch.Tensor, batch: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """``task_loss`` with the distillation term added (unchanged once the teacher is freed)."""
+        if self.teacher is None:
+            return task_loss
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        with torch.no_grad():
+            teacher_logits = self.teacher(**inputs).logits
+        labels = batch.get("labels")
+        if labels is not None:  # the positions the causal-LM loss trains: logits[t] predicts labels[t + 1]
+            mask = labels[:, 1:] != -100
+            s, t = student_logits[:, :-1], teacher_logits[:, :-1]
+        else:
+            mask = batch.get("attention_mask", torch.ones(student_logits.shape[:2], dtype=torch.bool))
+            s, t = student_logits, teacher_logits
+        kl = distill_kl(s, t, mask, self.config.temperature)
+        w = self.config.weight
+        return (1.0 - w) * task_loss + w * kl
+
+    def step_done(self) -> None:
+        """One optimizer step of the pruned model is done; the teacher goes after ``distill_steps``."""
+        if self.teacher is None:
+            return
+        self.steps_done += 1
+        if self.steps_done >= self.config.distill_steps:
+            self.teacher = None
+            release_memory()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Steps done and (while it lives) the teacher's weights: resuming mid-distillation needs them."""
+        teacher = (
+            None
+            if self.teacher is None
+            else {k: v.detach().clone() for k, v in self.teacher.state_dict().items()}
+        )
+        return {"steps_done": self.steps_done, "teacher": teacher}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.steps_done = int(state["steps_done"])
+        if state["teacher"] is None or self.steps_done >= self.config.distill_steps:
+            self.teacher = None
+            return
+        assert self.teacher is not None
+        self.teacher.load_state_dict(state["teacher"])

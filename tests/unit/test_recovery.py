@@ -1,0 +1,118 @@
+"""In-job recovery by self-distillation: the pre-prune model as a frozen teacher for K steps after the
+prune, then freed; the KL term against an independent computation; resume during the distillation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.tiny import batches, tiny_llama
+
+from gradpruner_ds.checkpoint import load_pruner_state, save_pruner_state
+from gradpruner_ds.config import GradPrunerConfig
+from gradpruner_ds.errors import GradPrunerError
+from gradpruner_ds.pruner import GradPruner
+from gradpruner_ds.recovery import distill_kl
+
+K, WINDOW, STEPS = 3, 2, 7
+
+
+def _cfg(**kw) -> GradPrunerConfig:
+    return GradPrunerConfig.from_dict(
+        {"window_steps": WINDOW, "num_drop": 2, "progress_bar": False,
+         "recovery": {"distill_steps": K, "temperature": 2.0, "weight": 0.5}, **kw}
+    )  # fmt: skip
+
+
+def test_distill_kl_matches_an_independent_kl():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    T = 2.0
+    ref = torch.nn.KLDivLoss(reduction="none")(
+        torch.log_softmax(s / T, -1), torch.softmax(t / T, -1)
+    ).sum(-1)  # KL(teacher || student) per position
+    expect = ref[mask].mean() * T * T
+    assert distill_kl(s, t, mask, T).item() == pytest.approx(expect.item(), rel=1e-6)
+
+
+def _run(model, pruner, data, opt, start=0, stop=None):
+    losses, task = [], []
+    for i, b in enumerate(data[start:stop], start=start):
+        out = model(**b)
+        loss = pruner.distill(out.loss, out.logits, b)
+        loss.backward()
+        pruner.observe()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+        task.append(float(out.loss))
+        if i + 1 == WINDOW:  # the model the teacher must equal
+            with torch.no_grad():
+                pre = model(**data[-1]).logits.clone()
+        opt, _ = pruner.maybe_prune(opt)
+        if i + 1 == WINDOW:
+            with torch.no_grad():
+                teacher = pruner.distiller.teacher(**{"input_ids": data[-1]["input_ids"]}).logits
+            torch.testing.assert_close(teacher, pre)
+    return losses, task, opt
+
+
+def test_the_teacher_is_the_pre_prune_model_for_k_steps_then_freed():
+    data = batches(STEPS, seed=4)
+    model = tiny_llama(6)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    pruner = GradPruner(model, _cfg(), total_steps=STEPS)
+    losses, task, opt = _run(model, pruner, data, opt)
+    assert pruner.plan is not None and model.config.num_hidden_layers == 4
+    # the KL term is in the loss exactly for the K steps after the prune
+    distilled = [abs(a - b) > 1e-9 for a, b in zip(losses, task, strict=True)]
+    assert distilled == [False] * WINDOW + [True] * K + [False] * (STEPS - WINDOW - K)
+    assert not pruner.distiller.active and pruner.distiller.steps_done == K
+    assert pruner.report["recovery"]["teacher_bytes"] > 0
+    live = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert len(live) == sum(1 for _ in model.parameters())  # the teacher never reached the optimizer
+
+
+def test_resume_during_the_distillation_gives_the_uninterrupted_losses(tmp_path):
+    data = batches(STEPS, seed=4)
+    model = tiny_llama(6)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    whole = GradPruner(model, _cfg(), total_steps=STEPS)
+    expect, _, _ = _run(model, whole, data, opt)
+
+    model = tiny_llama(6)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first = GradPruner(model, _cfg(), total_steps=STEPS)
+    stop = WINDOW + 1  # one distilled step done
+    losses, _, opt = _run(model, first, data, opt, stop=stop)
+    save_pruner_state(first, tmp_path / "ck")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_state = opt.state_dict()
+
+    dense = tiny_llama(6)  # a new process: the dense model, the pruner's state, then the engine's
+    dense.train()
+    resumed = GradPruner(dense, _cfg(), total_steps=STEPS)
+    plan = load_pruner_state(resumed, tmp_path / "ck")
+    assert plan is not None and resumed.distiller is not None and resumed.distiller.steps_done == 1
+    resumed.replay(plan)
+    dense.load_state_dict(weights)
+    opt = torch.optim.AdamW(dense.parameters(), lr=1e-3)
+    opt.load_state_dict(opt_state)
+    rest, _, _ = _run(dense, resumed, data, opt, start=stop)
+    assert losses + rest == pytest.approx(expect, abs=1e-6)
+
+
+def test_recovery_is_refused_where_the_teacher_would_not_be_sharded():
+    from gradpruner_ds.backends.sharded import ShardedBackend
+
+    class TwoRanks(ShardedBackend):
+        rank, world_size = 0, 2
+
+        def check_settings(self, settings, timeout_s):
+            self.timeout_s = timeout_s
+
+    with pytest.raises(GradPrunerError, match="recovery .* runs in one process"):
+        GradPruner(tiny_llama(4), _cfg(), total_steps=STEPS, backend=TwoRanks())
