@@ -165,7 +165,8 @@ def run_job(args: argparse.Namespace, job: dict[str, Any]) -> str:
     if proc.returncode != 0:
         return f"{job['group']}/{job['id']}: FAILED (exit {proc.returncode}), see {folder / 'train.log'}"
     summary = json.loads((folder / "summary.json").read_text())
-    summary.update(arm=arm, seed=job["seed"], wall_s=time.time() - t0, window=args.window)
+    code = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    summary.update(arm=arm, seed=job["seed"], wall_s=time.time() - t0, window=args.window, code=code.stdout.strip())
     if (folder / "gradpruner_report.json").exists():
         report = json.loads((folder / "gradpruner_report.json").read_text())
         summary["scores"] = [row["score"] for row in report["layers"]]

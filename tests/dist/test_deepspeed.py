@@ -134,6 +134,21 @@ def test_checkpoint_resume_in_window_and_after_prune(tmp_path, stage, save_at):
     assert ('"plan": null' in state) == (save_at <= BLOCK["window_steps"])
 
 
+@pytest.mark.parametrize("criterion", ["shortgpt_bi", "angular", "gate_fisher", "obd", "random"])
+def test_resume_inside_the_window_under_zero3_for_every_kind_of_statistic(tmp_path, criterion):
+    """Each rank's piece of the criterion's statistics (hidden-state sums, gate sums, IGIA + weights, none)
+    is saved inside the window and restored in new processes: the same scores and plan as the
+    uninterrupted ZeRO-3 run (2 ranks)."""
+    block = {**BLOCK, "criterion": criterion, "num_drop": 2, "num_merge": 0}
+    full = run_ranks(deepspeed_run, 2, block, STEPS, 3, MICRO, GAS, CLIP)
+    ck = str(tmp_path / "ckpt")
+    run_ranks(deepspeed_run, 2, block, STEPS, 3, MICRO, GAS, CLIP, 6, False, False, False, ck, 2)
+    second = run_ranks(deepspeed_run, 2, block, STEPS, 3, MICRO, GAS, CLIP, 6, False, False, False, ck, None, True)
+    for a, c in zip(full, second, strict=True):
+        assert c["scores"] == pytest.approx(a["scores"], rel=1e-6)
+        assert c["plan"]["dropped"] == a["plan"]["dropped"]
+
+
 def _disagree(rank: int, world: int, mode: str) -> dict:
     """Rank 1 differs: another keep_fraction (so another plan digest), or it never reaches the check."""
     import time
