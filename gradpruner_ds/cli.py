@@ -1,4 +1,5 @@
-"""``gradpruner-ds`` command line: ``gradpruner-ds plan`` (cluster-scale dry run) and ``config``."""
+"""``gradpruner-ds`` command line: ``plan`` (cluster-scale dry run), ``eval`` (lm-evaluation-harness on the
+pruned and the dense checkpoint) and ``config``."""
 
 from __future__ import annotations
 
@@ -30,6 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     sub.add_parser("config", help="print the config reference (markdown)")
+    e = sub.add_parser(
+        "eval", help="evaluate a pruned checkpoint (and the dense one) with lm-evaluation-harness"
+    )
+    e.add_argument("--model", required=True, help="the pruned model's from_pretrained folder")
+    e.add_argument("--dense", default=None, help="the dense model's folder, evaluated the same way")
+    e.add_argument("--tasks", required=True, help="comma-separated lm_eval task names")
+    e.add_argument("--include-path", default=None, help="a folder of extra lm_eval task YAMLs")
+    e.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--metric", default="acc", help="the metric of the table (acc, acc_norm, ...)")
+    e.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     if args.cmd == "config":
         from gradpruner_ds.config import config_reference_markdown
@@ -39,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     from gradpruner_ds.errors import GradPrunerError
     from gradpruner_ds.scale import format_dry_run
 
+    if args.cmd == "eval":
+        from gradpruner_ds.evaluate import run_cli
+
+        try:
+            return run_cli(args)
+        except GradPrunerError as exc:
+            print(exc, file=sys.stderr)
+            return 2
     try:
         d = _plan(args)
     except GradPrunerError as exc:  # a user mistake: one line, no traceback
