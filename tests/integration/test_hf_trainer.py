@@ -208,3 +208,17 @@ def test_the_prune_events_leave_the_trainers_own_logging_alone(tmp_path):
     add_gradpruner(trainer, BLOCK)
     trainer.train()
     assert [h["step"] for h in trainer.state.log_history if "loss" in h] == list(range(1, 9))
+
+
+def test_trainer_save_model_writes_the_pruned_model(tmp_path):
+    """The Trainer's own save (full fine-tuning) is the pruned model: from_pretrained loads its layers."""
+    from gradpruner_ds.integrations.hf_trainer import add_gradpruner
+
+    model = tiny_llama(6)
+    trainer = Trainer(model=model, args=_resume_args(tmp_path, save=False), train_dataset=_Data())
+    add_gradpruner(trainer, BLOCK)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert loaded.config.num_hidden_layers == 4 and loaded.config.gradpruner["original_num_layers"] == 6
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-5, atol=1e-5)
