@@ -665,3 +665,7 @@ class DisabledPruner:
     def maybe_prune(self, optimizer: Any = None, lr_scheduler: Any = None) -> tuple[Any, Any]:
         """Nothing is pruned: returns its arguments."""
         return optimizer, lr_scheduler
+
+    def distill(self, loss: torch.Tensor, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """No recovery: returns ``loss``."""
+        return loss

@@ -176,6 +176,79 @@ def tiny_model(vocab_size: int, num_layers: int, seed: int) -> Any:
     return model
 
 
+class TorchLoop:
+    """One process, plain PyTorch: backward per micro-batch; clip, observe, optimizer step at the boundary."""
+
+    def __init__(self, model: Any, optimizer: Any, scheduler: Any, gp_cfg: Any, total: int, gas: int, clip: float):
+        from gradpruner_ds.pruner import DisabledPruner, GradPruner
+
+        self.model, self.optimizer, self.scheduler, self.gas, self.clip = model, optimizer, scheduler, gas, clip
+        self.pruner: Any = DisabledPruner() if gp_cfg is None else GradPruner(model, gp_cfg, total_steps=total)
+
+    @property
+    def module(self) -> Any:
+        return self.model
+
+    @property
+    def holder(self) -> Any:
+        """What gradpruner_ds.save_pretrained saves from."""
+        return self.model
+
+    def micro_step(self, batch: dict[str, Any]) -> float:
+        out = self.model(**batch)  # with a 'recovery' block: + the pre-prune teacher's KL term for K steps
+        loss = self.pruner.distill(out.loss, out.logits, batch) / self.gas
+        loss.backward()
+        return float(loss.item())
+
+    def boundary(self) -> None:
+        import torch
+
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.clip)
+        self.pruner.observe()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def after_step(self) -> None:
+        self.optimizer, self.scheduler = self.pruner.maybe_prune(self.optimizer, self.scheduler)
+
+
+class DeepSpeedLoop:
+    """DeepSpeed ZeRO-1/2/3: the engine reduces, clips and steps; GradPruner observes between its backward
+    and step; after the prune the loop holds the rebuilt engine."""
+
+    def __init__(self, model: Any, optimizer: Any, scheduler: Any, ds_config: dict, gp_cfg: Any, total: int, gas: int):
+        import deepspeed
+
+        from gradpruner_ds.backends.deepspeed import for_deepspeed
+
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, lr_scheduler=scheduler)
+        self.scheduler, self.gas = scheduler, gas
+        self.pruner: Any = for_deepspeed(self.engine, ds_config, total_steps=total, config=gp_cfg)
+
+    @property
+    def module(self) -> Any:
+        return self.engine.module
+
+    @property
+    def holder(self) -> Any:
+        return self.engine
+
+    def micro_step(self, batch: dict[str, Any]) -> float:
+        loss = self.engine(**batch).loss
+        self.engine.backward(loss)
+        self.pruner.observe()  # a no-op except at accumulation boundaries inside the window
+        self.engine.step()
+        return float(loss.item()) / self.gas
+
+    def boundary(self) -> None:
+        """The engine stepped inside micro_step at the accumulation boundary."""
+
+    def after_step(self) -> None:
+        self.engine, self.scheduler = self.pruner.maybe_prune(self.engine, self.scheduler)
+
+
 def lr_lambda(step: int, *, warmup: int, total: int) -> float:
     """Linear warmup from ``1/warmup`` to 1 over ``warmup`` steps, then linear decay to 0 at ``total``."""
     if step < warmup:
@@ -425,21 +498,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(lr_lambda, warmup=warmup, total=args.max_steps)
     )
-    engine: Any = None
-    pruner: Any = None
+    loop: DeepSpeedLoop | TorchLoop
     if use_ds:
-        import deepspeed
-
-        from gradpruner_ds.backends.deepspeed import for_deepspeed
-
         assert ds_config is not None
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, lr_scheduler=scheduler)
-        if gp_cfg is not None:
-            pruner = for_deepspeed(engine, ds_config, total_steps=args.max_steps, config=gp_cfg)
-    elif gp_cfg is not None:
-        from gradpruner_ds.pruner import GradPruner
-
-        pruner = GradPruner(model, gp_cfg, total_steps=args.max_steps)
+        loop = DeepSpeedLoop(model, optimizer, scheduler, ds_config, gp_cfg, args.max_steps, gas)
+    else:
+        loop = TorchLoop(model, optimizer, scheduler, gp_cfg, args.max_steps, gas, clip)
+    pruner = loop.pruner
 
     # ---- training ----
     from tqdm.auto import tqdm
@@ -450,56 +515,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_train = time.perf_counter()
     step_times: list[float] = []
     prune_s = 0.0
-    params = [p for p in model.parameters() if p.requires_grad]
     curve: list[dict[str, Any]] = []
     eval_s = 0.0
-    for step in range(args.max_steps):
+    for step in range(args.max_steps):  # the same loop for every engine: the engine is behind `loop`
         t_step = time.perf_counter()
-        total = torch.zeros(1, dtype=torch.float64)
-        for batch in next(steps):
-            if use_ds:
-                loss = engine(**batch).loss
-                engine.backward(loss)
-                total += loss.item() / gas
-                if pruner is not None:
-                    pruner.observe()  # a no-op except at accumulation boundaries inside the window
-                engine.step()
-            else:
-                out = model(**batch)  # with a 'recovery' block: + the pre-prune teacher's KL term for K steps
-                loss = (out.loss if pruner is None else pruner.distill(out.loss, out.logits, batch)) / gas
-                loss.backward()
-                total += loss.item()
-        if not use_ds:
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, clip)
-            if pruner is not None:
-                pruner.observe()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        if use_ds and world > 1:
-            dist.all_reduce(total)
-            total /= world
+        total = sum(loop.micro_step(batch) for batch in next(steps))
+        loop.boundary()
+        if world > 1:
+            total_t = torch.tensor([total], dtype=torch.float64)
+            dist.all_reduce(total_t)
+            total = float(total_t) / world
         step_times.append(time.perf_counter() - t_step)
-        if pruner is not None:  # every step: prunes at the end of the window, counts steps after it
-            pruning, t_prune = pruner.ready, time.perf_counter()
-            if use_ds:
-                engine, scheduler = pruner.maybe_prune(engine, scheduler)
-            else:
-                optimizer, scheduler = pruner.maybe_prune(optimizer, scheduler)
-            if pruning:
-                params = [p for p in model.parameters() if p.requires_grad]
-                prune_s = time.perf_counter() - t_prune
-                log(f"step {step + 1}: pruned to {len(decoder_layers(model))} layers in {prune_s:.1f}s")
+        pruning, t_prune = pruner.ready, time.perf_counter()
+        loop.after_step()  # every step: prunes at the end of the window, counts the steps after it
+        if pruning:
+            prune_s = time.perf_counter() - t_prune
+            log(f"step {step + 1}: pruned to {len(decoder_layers(model))} layers in {prune_s:.1f}s")
         losses.append(float(total))
-        lr_now = scheduler.get_last_lr()[0]
-        state = "" if pruner is None else ("observing" if pruner.observing else "pruned" if pruner.plan else "")
+        lr_now = loop.scheduler.get_last_lr()[0]
+        state = "" if gp_cfg is None else ("observing" if pruner.observing else "pruned" if pruner.plan else "")
         bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr_now:.2e}", layers=len(decoder_layers(model)), gp=state)
         bar.update(1)
         if step + 1 in eval_at and test:
             t_eval = time.perf_counter()
             if rank == 0:
-                current = engine.module if use_ds else model
+                current = loop.module
                 acc_now = evaluate_choices(current, tokenizer, test, batch_size=args.eval_batch_size, max_length=args.max_length)
                 curve.append({"step": step + 1, "accuracy": acc_now, "layers": len(decoder_layers(current)),
                               "train_s": t_eval - t_train - eval_s})  # training time so far, evaluations excluded
@@ -514,13 +554,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # ---- save the (pruned) model ----
     final_dir = out_dir / "final"
-    module = engine.module if use_ds else model
-    zero3 = use_ds and int(engine.zero_optimization_stage()) == 3
+    module = loop.module
+    zero3 = use_ds and int(loop.holder.zero_optimization_stage()) == 3
     if not args.no_save:  # LoRA: the saved model is the pruned base with the trained adapters merged in
         from gradpruner_ds.export import save_pretrained
 
         t0 = time.perf_counter()
-        save_pretrained(engine if use_ds else model, final_dir, tokenizer)
+        save_pretrained(loop.holder, final_dir, tokenizer)
         log(f"final model written to {final_dir} ({time.perf_counter() - t0:.1f}s)")
     if use_ds:
         dist.barrier()
@@ -529,7 +569,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "model": args.model,
         "task": task_name,
-        "mode": f"zero{engine.zero_optimization_stage()}" if use_ds else "plain",
+        "mode": f"zero{loop.holder.zero_optimization_stage()}" if use_ds else "plain",
         "world_size": world,
         "max_steps": args.max_steps,
         "batch_size": args.batch_size,
@@ -547,7 +587,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "curve": curve,
         "eval_s": eval_s,
     }
-    if pruner is not None and pruner.plan is not None:
+    if pruner.plan is not None:
         summary["plan"] = {"dropped": list(pruner.plan.dropped), "merged": list(pruner.plan.merged),
                            "targets": [list(t) for t in pruner.plan.targets], "removed": list(pruner.plan.removed)}
     if rank == 0:
@@ -556,9 +596,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             from transformers import AutoModelForCausalLM
 
-            del module
-            if engine is not None:
-                engine = None
+            del module, loop
             final_model = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32)
         if final_model is not None:
             summary["pruned_params"] = sum(p.numel() for p in final_model.parameters())

@@ -4,7 +4,7 @@ Per task and budget: every arm's accuracy at each evaluation point of the run (t
 final accuracy paired with the dense run of the same seed (mean +- standard error over seeds), and the
 training wall clock (evaluation excluded), so arms compare at equal steps and at equal time.
 
-    python benchmarks/quality/summarize_fullrun.py [--out benchmarks/quality/fullrun] [--markdown FILE]
+    python benchmarks/quality/summarize_fullrun.py [--out benchmarks/quality/fullrun] [--docs]
 """
 
 from __future__ import annotations
@@ -75,10 +75,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "quality" / "fullrun"))
     ap.add_argument("--markdown", default="", help="also write the tables to this file")
+    ap.add_argument("--docs", action="store_true", help="put the tables into docs/results.md (between markers)")
     args = ap.parse_args()
     text = print_tables(Path(args.out))
     if args.markdown:
         Path(args.markdown).write_text(text)
+    if args.docs:
+        doc = ROOT / "docs" / "results.md"
+        body = doc.read_text()
+        start, end = "<!-- fullrun tables -->", "<!-- /fullrun tables -->"
+        head, rest = body.split(start, 1)
+        doc.write_text(head + start + "\n" + text + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":

@@ -13,10 +13,9 @@ pytest.importorskip("lm_eval")
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    from launch.train import load_tokenizer, tiny_model
-
     import gradpruner_ds
     from gradpruner_ds.surgery import remove_layers
+    from launch.train import load_tokenizer, tiny_model
 
     out = tmp_path_factory.mktemp("lm_eval_model")
     tok = load_tokenizer()
@@ -28,11 +27,11 @@ def saved(tmp_path_factory):
 
 @pytest.mark.parametrize("task", ["intent_recognition", "piqa"])
 def test_lm_eval_accuracy_equals_ours_on_the_same_items(tmp_path, saved, task):
-    from launch.lm_eval_tasks import TASKS, write_task
-    from launch.tasks import evaluate_choices, load_task, split_task
     from transformers import AutoModelForCausalLM
 
     from gradpruner_ds.evaluate import evaluate
+    from launch.lm_eval_tasks import TASKS, write_task
+    from launch.tasks import evaluate_choices, load_task, split_task
 
     model_dir, tok = saved
     name = write_task(task, TASKS[task], tmp_path / "tasks", limit=40)
