@@ -18,6 +18,7 @@ import torch
 from gradpruner_ds.arch import decoder_layers, get_arch, layer_linears, linear_weight
 from gradpruner_ds.config import GradPrunerConfig
 from gradpruner_ds.core.plan import make_plan
+from gradpruner_ds.core.scoring import get_criterion
 from gradpruner_ds.surgery import remove_layers
 
 LLAMA_3_1_70B = dict(
@@ -132,7 +133,11 @@ def dry_run(
         for layer in layers
     ]
     n_mat = n_layers * len(spec.linear_names)
-    if mode == "full":
+    # what the configured criterion collects: IGIA only for IGIA criteria or merge masks
+    needs_igia = get_criterion(gp.effective_criterion).source == "igia" or n_merge > 0
+    if not needs_igia:  # hidden-state sums (a few KiB) or nothing; each step: the finite check only
+        igia, obs_colls, obs_bytes = 0, 1, 8
+    elif mode == "full":
         igia = sum(_partition(math.prod(s), world_size) for layer in shapes for s in layer.values()) * 4
         obs_colls, obs_bytes = 1, 8  # the squared gradient norm (float64)
     else:  # per matrix the cheaper of: the factors of every step (whole), or an fp32 slice accumulator
@@ -210,7 +215,7 @@ def format_dry_run(d: DryRun) -> str:
         f"{d.world_size} ranks, {d.mode} mode, window {d.window_steps} steps",
         f"  plan: remove {len(d.removed)} layers {d.removed} (merged {d.merged}) -> "
         f"{d.params_after / 1e9:.2f} B params ({100 * d.params_after / d.params_before:.1f}%)",
-        f"  IGIA state per rank: {d.igia_bytes_per_rank / gib:.3f} GiB",
+        f"  IGIA state per rank: {d.igia_bytes_per_rank / gib:.3f} GiB (collected only for an IGIA criterion or a merge)",
         f"  observation: {d.observe_collectives_per_step} all-reduce(s) / step, {d.observe_bytes_per_step} B; "
         "no all-gather",
         f"  ranking: {d.ranking_collectives} all-reduces, {d.ranking_bytes / 1024:.1f} KiB",

@@ -1,7 +1,8 @@
 # DeepSpeed attaches its partitioning state (ds_tensor, ds_numel, _hp_mapping, ...) to Parameter
 # objects at run time, so attribute checks cannot see it:
 # mypy: disable-error-code="attr-defined"
-"""DeepSpeed ZeRO-1/2/3 engine adapter: the only module that knows DeepSpeed internals.
+"""DeepSpeed ZeRO-1/2/3 engine adapter (what the stages share; ``zero12.py`` and ``zero3.py`` hold the
+stage-specific parts): with those two, the only modules that know DeepSpeed internals.
 
 Where things are (DeepSpeed 0.19.8, checked by tests/dist):
 
@@ -36,10 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradpruner_ds.backends.base import MergeGroup
 from gradpruner_ds.backends.sharded import ShardedBackend
 from gradpruner_ds.core.igia import Key, sq_norms
-from gradpruner_ds.core.merge import MergeRule, merge_
 from gradpruner_ds.diagnostics import release_memory
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
@@ -57,18 +56,38 @@ def skip_cpu_shm_comm_build() -> None:
 
 
 class DeepSpeedBackend(ShardedBackend):
-    """GradPruner on a ``deepspeed.DeepSpeedEngine`` with ZeRO stage 1, 2 or 3."""
+    """GradPruner on a ``deepspeed.DeepSpeedEngine`` with ZeRO stage 1, 2 or 3: what the stages share.
+
+    ``DeepSpeedBackend(engine, ds_config)`` returns the adapter of the engine's stage:
+    :class:`~gradpruner_ds.backends.zero12.Zero12Backend` (flat fp32 partitions, per-parameter fragments)
+    or :class:`~gradpruner_ds.backends.zero3.Zero3Backend` (every parameter sliced into equal shards). The
+    stage-specific parts are the pieces of a parameter (``_frag``, ``local_grad``, ``local_weights``), the
+    merge, and how the kept parameters' optimizer state is read and written across the rebuild."""
+
+    stage: int
+
+    def __new__(cls, engine: Any, ds_config: Mapping[str, Any]) -> DeepSpeedBackend:
+        if cls is not DeepSpeedBackend:
+            return super().__new__(cls)
+        stage = int(engine.zero_optimization_stage())
+        if stage not in (1, 2, 3):
+            raise user_error(
+                "the DeepSpeed backend supports ZeRO stages 1, 2 and 3",
+                stage,
+                'set "zero_optimization": {"stage": 1|2|3} in the DeepSpeed config',
+            )
+        if stage == 3:
+            from gradpruner_ds.backends.zero3 import Zero3Backend
+
+            return super().__new__(Zero3Backend)
+        from gradpruner_ds.backends.zero12 import Zero12Backend
+
+        return super().__new__(Zero12Backend)
 
     def __init__(self, engine: Any, ds_config: Mapping[str, Any]) -> None:
         self.engine = engine
         self.ds_config = dict(ds_config)
         self.stage = int(engine.zero_optimization_stage())
-        if self.stage not in (1, 2, 3):
-            raise user_error(
-                "the DeepSpeed backend supports ZeRO stages 1, 2 and 3",
-                self.stage,
-                'set "zero_optimization": {"stage": 1|2|3} in the DeepSpeed config',
-            )
         self.group = engine.optimizer.dp_process_group
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
@@ -77,51 +96,35 @@ class DeepSpeedBackend(ShardedBackend):
         """Gradients are complete (reduced) only at a gradient-accumulation boundary."""
         return bool(self.engine.is_gradient_accumulation_boundary())
 
-    # ---- this rank's pieces -------------------------------------------------------------------------
-    def _z3_valid(self, p: nn.Parameter) -> int:
-        """Entries of ``p.ds_tensor`` that belong to the parameter (the rest is padding)."""
-        part = p.ds_tensor.numel()
-        return max(0, min(part, p.ds_numel - self.rank * part))
-
+    # ---- stage-specific (see the subclasses) --------------------------------------------------------
     def _frag(self, p: nn.Parameter) -> tuple[int, int]:
         """(offset, numel) of this rank's piece of ``p`` in the flattened parameter."""
-        if self.stage == 3:
-            return self.rank * p.ds_tensor.numel(), self._z3_valid(p)
-        if not p.requires_grad:  # replicated frozen weight (LoRA base): split evenly, like ZeRO-3
-            part = -(-p.numel() // self.world_size)
-            return min(self.rank * part, p.numel()), max(0, min(part, p.numel() - self.rank * part))
-        hm = getattr(p, "_hp_mapping", None)
-        if hm is None:
-            return 0, 0
-        return hm.lp_fragment_address.start, hm.lp_fragment_address.numel
-
-    def local_grad(self, p: nn.Parameter) -> torch.Tensor | None:
-        if self.stage == 3:
-            from deepspeed.utils import safe_get_local_grad
-
-            g = safe_get_local_grad(p)
-            return None if g is None else g.reshape(-1)[: self._z3_valid(p)]
-        return self._local_grad(p)
+        raise NotImplementedError
 
     def _local_grad(self, p: nn.Parameter) -> torch.Tensor:
-        if self.stage == 3:
-            from deepspeed.utils import safe_get_local_grad
+        """This rank's reduced gradient piece of a trainable parameter (empty where it holds none)."""
+        raise NotImplementedError
 
-            g = safe_get_local_grad(p)
-            if g is None:
-                raise AssertionError(
-                    "no local gradient: call observe() between engine.backward and engine.step"
-                )
-            return g.reshape(-1)[: self._z3_valid(p)]
-        hm = getattr(p, "_hp_mapping", None)
-        if hm is None:
-            return torch.zeros(0, dtype=torch.float32)
-        g = hm.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
-        start, numel = self._frag(p)
-        if g.numel() == p.numel() and numel != p.numel():  # bf16 keeps a full accumulation buffer
-            g = g.narrow(0, start, numel)
-        return g
+    def _kept_groups(self, gone: set[int], n_groups: int) -> list[list[nn.Parameter]]:
+        """The kept parameters of each client param group, in the engine's order."""
+        raise NotImplementedError
 
+    def _flat_partitions(self) -> list[torch.Tensor]:
+        """The fp32 flat partitions the client optimizer steps (its state is keyed by them)."""
+        raise NotImplementedError
+
+    def _read_state(self, p: nn.Parameter, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """This rank's piece of ``p``'s fp32 master ("fp32") and optimizer state ``keys``."""
+        raise NotImplementedError
+
+    def _write_state(self, entry: dict[str, Any], keys: Sequence[str]) -> None:
+        """Write a kept parameter's carried pieces into the rebuilt engine."""
+        raise NotImplementedError
+
+    def _link_state(self) -> None:
+        """Called when the client optimizer's state exists (before reading, after creating it)."""
+
+    # ---- shared -------------------------------------------------------------------------------------
     def _trainable(self) -> list[nn.Parameter]:
         return [p for p in self.engine.module.parameters() if p.requires_grad]
 
@@ -156,95 +159,8 @@ class DeepSpeedBackend(ShardedBackend):
     def full_grads(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, torch.Tensor]:
         return {k: self._local_grad(p) for k, p in params.items()}
 
-    def _shape(self, p: nn.Parameter) -> torch.Size:
-        return p.ds_shape if self.stage == 3 else p.shape
-
-    def global_numel(self, p: nn.Parameter) -> int:
-        return int(p.ds_numel) if self.stage == 3 else p.numel()
-
     def lora_slices(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, tuple[int, int]] | None:
         return {k: self._frag(p) for k, p in params.items()}
-
-    def local_weights(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, torch.Tensor]:
-        """fp32 master pieces (copies for ZeRO-3; views into the flat partition for ZeRO-1/2)."""
-        out = {}
-        for k, p in params.items():
-            if self.stage == 3:
-                from deepspeed.utils import safe_get_local_fp32_param
-
-                if p.requires_grad:
-                    out[k] = safe_get_local_fp32_param(p).reshape(-1)[: self._z3_valid(p)].clone()
-                else:  # frozen base weight (LoRA mode): its only copy is ds_tensor
-                    out[k] = p.ds_tensor.reshape(-1)[: self._z3_valid(p)].float().clone()
-            else:
-                hm = getattr(p, "_hp_mapping", None)
-                if hm is not None:
-                    out[k] = hm.get_hp_fragment().data.reshape(-1)
-                else:
-                    start, numel = self._frag(p)
-                    out[k] = p.data.reshape(-1)[start : start + numel].float()
-        return out
-
-    # ---- merge ------------------------------------------------------------------------------------------
-    def apply_merge(
-        self, params: Mapping[Key, nn.Parameter], groups: Sequence[MergeGroup], rule: MergeRule
-    ) -> dict[Key, tuple[int, int]]:
-        if self.stage == 3:
-            return super().apply_merge(params, groups, rule)
-        return self._apply_merge_zero12(params, groups, rule)
-
-    def store_weight(self, param: nn.Parameter, local_piece: torch.Tensor) -> None:
-        """ZeRO-3: write the merged slice into the fp32 master and the low-precision shard."""
-        valid = self._z3_valid(param)
-        param.ds_tensor.data.reshape(-1)[:valid].copy_(local_piece.to(param.ds_tensor.dtype))
-        if param.requires_grad:
-            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
-
-            master = safe_get_local_fp32_param(param).reshape(-1).clone()
-            master[:valid] = local_piece
-            safe_set_local_fp32_param(param, master)
-
-    def _full_fp32(self, p: nn.Parameter) -> torch.Tensor:
-        """ZeRO-1/2: the whole fp32 value of one parameter from the ranks' master fragments."""
-        hm = getattr(p, "_hp_mapping", None)
-        if not p.requires_grad:
-            return p.data.float().clone()  # frozen: replicated, never in the optimizer
-        buf = torch.zeros(p.numel(), dtype=torch.float32)
-        if hm is not None:
-            start, numel = self._frag(p)
-            buf[start : start + numel] = hm.get_hp_fragment().reshape(-1)
-        self.all_reduce_sum_(buf)
-        return buf.view(p.shape)
-
-    def _apply_merge_zero12(
-        self, params: Mapping[Key, nn.Parameter], groups: Sequence[MergeGroup], rule: MergeRule
-    ) -> dict[Key, tuple[int, int]]:
-        """Fragments of different parameters do not line up, so each target is merged whole, one
-        matrix at a time: masks and fp32 values are assembled from fragments (sum of disjoint pieces),
-        every rank computes the same merge, writes its master fragment and the replicated copy."""
-        counts: dict[Key, tuple[int, int]] = {}
-        for tkey, sources in groups:
-            tp = params[tkey]
-            target = self._full_fp32(tp).clone()
-            pairs = []
-            for skey, mask_piece in sources:
-                sp = params[skey]
-                full_mask = torch.zeros(sp.numel(), dtype=torch.uint8)
-                start, numel = self._frag(sp)
-                full_mask[start : start + numel] = mask_piece.to(torch.uint8)
-                self.all_reduce_sum_(full_mask)
-                pairs.append((self._full_fp32(sp), full_mask.view(sp.shape).bool()))
-            added = merge_(target, pairs, rule)
-            t_start, t_numel = self._frag(tp)
-            for (skey, mask_piece), n_added in zip(sources, added, strict=True):
-                # mask pieces are disjoint over ranks; the whole-matrix merge ran on every rank, so only
-                # rank 0 reports its count, and the all-reduced counts equal the global ones
-                counts[skey] = (int(mask_piece.sum()), n_added if self.rank == 0 else 0)
-            hm = getattr(tp, "_hp_mapping", None)
-            if hm is not None:
-                hm.get_hp_fragment().data.reshape(-1).copy_(target.reshape(-1)[t_start : t_start + t_numel])
-            tp.data.copy_(target.to(tp.dtype))
-        return counts
 
     def log_events(self, events: Mapping[str, float], step: int) -> None:
         """DeepSpeed's monitor (the config's ``tensorboard`` / ``wandb`` / ``csv_monitor`` / ``comet`` blocks):
@@ -253,7 +169,7 @@ class DeepSpeedBackend(ShardedBackend):
         if monitor is not None and getattr(monitor, "enabled", False):
             monitor.write_events([(name, value, step) for name, value in events.items()])
 
-    # ---- rebuild --------------------------------------------------------------------------------------
+    # ---- rebuild: carry the kept parameters' state into a new engine over the pruned module --------------
     def rebuild(
         self,
         model: nn.Module,
@@ -271,18 +187,17 @@ class DeepSpeedBackend(ShardedBackend):
         client = old.optimizer.optimizer  # the torch optimizer DeepSpeed wraps
         client_cls = type(client)
         hparams = [{k: v for k, v in g.items() if k != "params"} for g in client.param_groups]
-        kept_groups: list[list[nn.Parameter]] = [[] for _ in hparams]
-        if self.stage == 3:  # ZeRO-3 splits each client group into sub-groups
-            for i, sub in enumerate(old.optimizer.fp16_groups):
-                kept_groups[old.optimizer.sub_group_to_group_id[i]].extend(
-                    p for p in sub if id(p) not in gone
-                )
-        else:
-            for i, grp in enumerate(old.optimizer.bit16_groups):
-                kept_groups[i].extend(p for p in grp if id(p) not in gone)
+        kept_groups = self._kept_groups(gone, len(hparams))
         step = _adam_step(client)
         moments = any("exp_avg" in st for st in client.state.values())  # none before the first step
-        carried = self._save_state([p for g in kept_groups for p in g], moments)
+        keys = ("exp_avg", "exp_avg_sq") if moments else ()
+        if moments:
+            self._link_state()
+        carried = {
+            id(p): {"param": p, "frag": self._frag(p), **self._read_state(p, keys)}
+            for g in kept_groups
+            for p in g
+        }
         counters = {
             k: getattr(old, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")
         }
@@ -310,7 +225,17 @@ class DeepSpeedBackend(ShardedBackend):
         self.group = engine.optimizer.dp_process_group
         for k, v in counters.items():
             setattr(engine, k, v)
-        self._restore_state(carried, step, moments)
+        # torch Adam creates its state lazily at the first step: create it now, then fill it
+        for flat in self._flat_partitions():
+            engine.optimizer.optimizer.state[flat] = {
+                "step": step.clone() if torch.is_tensor(step) else step,
+                "exp_avg": torch.zeros_like(flat),
+                "exp_avg_sq": torch.zeros_like(flat),
+            }
+        self._link_state()
+        for entry in carried.values():
+            self._write_state(entry, keys)
+        carried.clear()
         return engine, lr_scheduler
 
     def rebind(self, old: Any) -> None:
@@ -322,73 +247,6 @@ class DeepSpeedBackend(ShardedBackend):
             raise TypeError(f"cannot rebind a {type(old).__name__} to a {type(new).__name__}")
         object.__setattr__(old, "__dict__", new.__dict__)
         self.engine = old
-
-    def _save_state(self, kept: list[nn.Parameter], moments: bool) -> dict[int, dict[str, Any]]:
-        """This rank's piece of each kept parameter's fp32 master and (once the optimizer has
-        stepped) Adam moments — local copies, no gather."""
-        out: dict[int, dict[str, Any]] = {}
-        keys = ("exp_avg", "exp_avg_sq") if moments else ()
-        if self.stage != 3 and moments:
-            # DeepSpeed links each fragment to the optimizer state once, right after the FIRST param
-            # group has stepped, so with several groups (the HF Trainer's decay / no-decay split) the
-            # later groups' fragments point at a still-empty state: link again now that all exist
-            opt = self.engine.optimizer
-            opt._hp_optimizer_states_linked = False
-            opt._lazy_init_hp_params_optimizer_state()
-        for p in kept:
-            entry: dict[str, Any] = {"param": p, "frag": self._frag(p)}
-            if self.stage == 3:
-                from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
-
-                entry["fp32"] = safe_get_local_fp32_param(p).clone()
-                for k in keys:
-                    entry[k] = safe_get_local_optimizer_state(p, k).clone()
-            else:
-                hm = p._hp_mapping
-                if hm is not None:
-                    entry["fp32"] = hm.get_hp_fragment().clone()
-                    for k in keys:
-                        entry[k] = hm.get_optim_state_fragment(k).clone()
-            out[id(p)] = entry
-        return out
-
-    def _restore_state(self, carried: dict[int, dict[str, Any]], step: Any, moments: bool) -> None:
-        opt = self.engine.optimizer
-        client = opt.optimizer
-        # torch Adam creates its state lazily at the first step: create it now, then fill it
-        flats = opt.fp32_partitioned_groups_flat if self.stage == 3 else opt.single_partition_of_fp32_groups
-        for flat in flats:
-            client.state[flat] = {
-                "step": step.clone() if torch.is_tensor(step) else step,
-                "exp_avg": torch.zeros_like(flat),
-                "exp_avg_sq": torch.zeros_like(flat),
-            }
-        if self.stage != 3:  # link the new per-parameter fragments to the state just created
-            opt._hp_optimizer_states_linked = False
-            opt._lazy_init_hp_params_optimizer_state()
-        for entry in carried.values():
-            p = entry["param"]
-            if self.stage == 3:
-                from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
-
-                safe_set_local_fp32_param(p, entry["fp32"])
-                for k in ("exp_avg", "exp_avg_sq"):
-                    if k in entry:
-                        safe_set_local_optimizer_state(p, entry[k], k)
-                continue
-            # ZeRO-1/2: the fragments moved; assemble one parameter at a time from the old fragments
-            old_start, old_numel = entry["frag"]
-            hm = p._hp_mapping
-            new_start, new_numel = self._frag(p)
-            for key in ("fp32", "exp_avg", "exp_avg_sq") if moments else ("fp32",):
-                buf = torch.zeros(p.numel(), dtype=torch.float32)
-                if key in entry:
-                    buf[old_start : old_start + old_numel] = entry[key].reshape(-1)
-                self.all_reduce_sum_(buf)
-                if hm is not None:
-                    dst = hm.get_hp_fragment() if key == "fp32" else hm.get_optim_state_fragment(key)
-                    dst.data.reshape(-1).copy_(buf[new_start : new_start + new_numel])
-        carried.clear()
 
 
 @contextlib.contextmanager

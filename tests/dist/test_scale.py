@@ -47,5 +47,8 @@ def test_70b_dry_run_on_the_meta_device(capsys):
     assert 3.5 * 2**30 < d.igia_bytes_per_rank < 4.5 * 2**30
     lora = dry_run(KNOWN["llama-3.1-70b"], GradPrunerConfig.from_dict({"window_steps": 40, "prune_ratio": 0.4}), world_size=512, mode="lora")
     assert lora.igia_bytes_per_rank < d.igia_bytes_per_rank
+    # the default criterion without a merge reads no gradients: no IGIA state at all
+    default = dry_run(KNOWN["llama-3.1-70b"], GradPrunerConfig.from_dict({"window_steps": 40, "prune_ratio": 0.4}), world_size=64)
+    assert default.igia_bytes_per_rank == 0 and default.observe_bytes_per_step == 8
     assert cli_main(["plan", "--model-config", "llama-3.1-70b", "--world-size", "256"]) == 0
     assert "IGIA state per rank" in capsys.readouterr().out

@@ -104,7 +104,10 @@ def test_every_engine_adapter_provides_the_contract():
     from gradpruner_ds.backends.fsdp2 import FSDP2Backend
 
     wanted = [n for n in vars(EngineAdapter) if not n.startswith("_")]
-    for cls in (Backend, DeepSpeedBackend, FSDP2Backend):
+    from gradpruner_ds.backends.zero3 import Zero3Backend
+    from gradpruner_ds.backends.zero12 import Zero12Backend
+
+    for cls in (Backend, DeepSpeedBackend, Zero12Backend, Zero3Backend, FSDP2Backend):
         missing = [
             n
             for n in wanted

@@ -1,0 +1,146 @@
+# DeepSpeed attaches its partitioning state (_hp_mapping, _index_in_param_group) to Parameter objects:
+# mypy: disable-error-code="attr-defined"
+"""DeepSpeed ZeRO-1/2: the low-precision parameters are replicated; the fp32 master and the optimizer state
+are flat partitions whose boundaries do not respect parameters, and ``p._hp_mapping`` names this rank's
+fragment of each parameter (offsets differ from parameter to parameter). The fragment of the reduced
+gradient is ``get_lp_grad_fragment``. Fragments of different parameters do not line up, so the merge and
+the carried state are assembled one parameter at a time (sums of disjoint pieces)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradpruner_ds.backends.base import MergeGroup
+from gradpruner_ds.backends.deepspeed import DeepSpeedBackend
+from gradpruner_ds.core.igia import Key
+from gradpruner_ds.core.merge import MergeRule, merge_
+
+
+class Zero12Backend(DeepSpeedBackend):
+    """ZeRO-1/2 pieces: a parameter's fragment of the flat partition this rank owns."""
+
+    def _frag(self, p: nn.Parameter) -> tuple[int, int]:
+        if not p.requires_grad:  # replicated frozen weight (LoRA base): split evenly, like ZeRO-3
+            part = -(-p.numel() // self.world_size)
+            return min(self.rank * part, p.numel()), max(0, min(part, p.numel() - self.rank * part))
+        hm = getattr(p, "_hp_mapping", None)
+        if hm is None:
+            return 0, 0
+        return hm.lp_fragment_address.start, hm.lp_fragment_address.numel
+
+    def local_grad(self, p: nn.Parameter) -> torch.Tensor | None:
+        return self._local_grad(p)
+
+    def _local_grad(self, p: nn.Parameter) -> torch.Tensor:
+        hm = getattr(p, "_hp_mapping", None)
+        if hm is None:
+            return torch.zeros(0, dtype=torch.float32)
+        g = hm.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
+        start, numel = self._frag(p)
+        if g.numel() == p.numel() and numel != p.numel():  # bf16 keeps a full accumulation buffer
+            g = g.narrow(0, start, numel)
+        return g
+
+    def _shape(self, p: nn.Parameter) -> torch.Size:
+        return p.shape
+
+    def global_numel(self, p: nn.Parameter) -> int:
+        return p.numel()
+
+    def local_weights(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, torch.Tensor]:
+        """Views into this rank's fp32 master fragments (frozen weights: this rank's even split)."""
+        out = {}
+        for k, p in params.items():
+            hm = getattr(p, "_hp_mapping", None)
+            if hm is not None:
+                out[k] = hm.get_hp_fragment().data.reshape(-1)
+            else:
+                start, numel = self._frag(p)
+                out[k] = p.data.reshape(-1)[start : start + numel].float()
+        return out
+
+    def _full_fp32(self, p: nn.Parameter) -> torch.Tensor:
+        """The whole fp32 value of one parameter from the ranks' master fragments."""
+        hm = getattr(p, "_hp_mapping", None)
+        if not p.requires_grad:
+            return p.data.float().clone()  # frozen: replicated, never in the optimizer
+        buf = torch.zeros(p.numel(), dtype=torch.float32)
+        if hm is not None:
+            start, numel = self._frag(p)
+            buf[start : start + numel] = hm.get_hp_fragment().reshape(-1)
+        self.all_reduce_sum_(buf)
+        return buf.view(p.shape)
+
+    def apply_merge(
+        self, params: Mapping[Key, nn.Parameter], groups: Sequence[MergeGroup], rule: MergeRule
+    ) -> dict[Key, tuple[int, int]]:
+        """Each target is merged whole, one matrix at a time: masks and fp32 values are assembled from
+        fragments, every rank computes the same merge, writes its master fragment and the replicated copy."""
+        counts: dict[Key, tuple[int, int]] = {}
+        for tkey, sources in groups:
+            tp = params[tkey]
+            target = self._full_fp32(tp).clone()
+            pairs = []
+            for skey, mask_piece in sources:
+                sp = params[skey]
+                full_mask = torch.zeros(sp.numel(), dtype=torch.uint8)
+                start, numel = self._frag(sp)
+                full_mask[start : start + numel] = mask_piece.to(torch.uint8)
+                self.all_reduce_sum_(full_mask)
+                pairs.append((self._full_fp32(sp), full_mask.view(sp.shape).bool()))
+            added = merge_(target, pairs, rule)
+            t_start, t_numel = self._frag(tp)
+            for (skey, mask_piece), n_added in zip(sources, added, strict=True):
+                # mask pieces are disjoint over ranks; the whole-matrix merge ran on every rank, so only
+                # rank 0 reports its count, and the all-reduced counts equal the global ones
+                counts[skey] = (int(mask_piece.sum()), n_added if self.rank == 0 else 0)
+            hm = getattr(tp, "_hp_mapping", None)
+            if hm is not None:
+                hm.get_hp_fragment().data.reshape(-1).copy_(target.reshape(-1)[t_start : t_start + t_numel])
+            tp.data.copy_(target.to(tp.dtype))
+        return counts
+
+    def _kept_groups(self, gone: set[int], n_groups: int) -> list[list[nn.Parameter]]:
+        kept: list[list[nn.Parameter]] = [[] for _ in range(n_groups)]
+        for i, grp in enumerate(self.engine.optimizer.bit16_groups):
+            kept[i].extend(p for p in grp if id(p) not in gone)
+        return kept
+
+    def _flat_partitions(self) -> list[torch.Tensor]:
+        return list(self.engine.optimizer.single_partition_of_fp32_groups)
+
+    def _link_state(self) -> None:
+        """DeepSpeed links each fragment to the optimizer state once, right after the FIRST param group has
+        stepped, so with several groups (the HF Trainer's decay / no-decay split) the later groups' fragments
+        point at a still-empty state: link again whenever the state exists."""
+        opt = self.engine.optimizer
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+    def _read_state(self, p: nn.Parameter, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        hm = p._hp_mapping
+        if hm is None:
+            return {}
+        out = {"fp32": hm.get_hp_fragment().clone()}
+        for k in keys:
+            out[k] = hm.get_optim_state_fragment(k).clone()
+        return out
+
+    def _write_state(self, entry: dict[str, Any], keys: Sequence[str]) -> None:
+        """The fragments moved: assemble one parameter at a time from the old fragments of every rank."""
+        p = entry["param"]
+        old_start, old_numel = entry["frag"]
+        hm = p._hp_mapping
+        new_start, new_numel = self._frag(p)
+        for key in ("fp32", *keys):
+            buf = torch.zeros(p.numel(), dtype=torch.float32)
+            if key in entry:
+                buf[old_start : old_start + old_numel] = entry[key].reshape(-1)
+            self.all_reduce_sum_(buf)
+            if hm is not None:
+                dst = hm.get_hp_fragment() if key == "fp32" else hm.get_optim_state_fragment(key)
+                dst.data.reshape(-1).copy_(buf[new_start : new_start + new_numel])
