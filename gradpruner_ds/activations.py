@@ -118,6 +118,7 @@ class ActivationCollector:
         self._unit_out: tuple[torch.Tensor, torch.Tensor] | None = None  # (last output, normalised)
         self._dev_pending: torch.Tensor | None = None  # pending sums on an accelerator, see _acc
         self.forwards = 0
+        self.paused = False  # set by GradPruner.paused(): forwards are not measured
         self._in_model_forward = False
         self._gate_hooks_this_forward = 0
         self._handles: list[RemovableHandle] = [
@@ -158,7 +159,7 @@ class ActivationCollector:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             # only the model's own training forward: a checkpointing wrapper that recomputes the layer in
             # the backward (outside the model forward) must not count it twice or out of order
-            if not self._in_model_forward or not (module.training or torch.is_grad_enabled()):
+            if self.paused or not self._in_model_forward or not (module.training or torch.is_grad_enabled()):
                 return
             h_in = kwargs.get("hidden_states", args[0] if args else None)
             h_out = output[0] if isinstance(output, tuple | list) else output

@@ -14,11 +14,12 @@ Usage with any engine (plain PyTorch shown; ``gradpruner_ds.backends`` adapts De
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,7 @@ class GradPruner:
                 type(self.backend).__name__,
                 "remove the 'recovery' sub-block for sharded runs",
             )
+        self._paused = False
         self._last_call: float | None = None
         self._step_times: tuple[list[float], list[float]] = ([], [])
         self.steps_seen = 0
@@ -282,6 +284,21 @@ class GradPruner:
                 holder.load_state_dict(stats[name])
         return None
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Steps run inside the block are not observed: their forwards are not measured and ``observe()``
+        does nothing (e.g. extra forwards with gradients that are not training steps, or a side-by-side
+        timing of plain and observed steps, benchmarks/speed/run.py)."""
+        self._paused = True
+        if self.collector is not None:
+            self.collector.paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+            if self.collector is not None:
+                self.collector.paused = False
+
     @property
     def observing(self) -> bool:
         """True while the observation window is open."""
@@ -296,7 +313,7 @@ class GradPruner:
     def observe(self) -> None:
         """Accumulate IGIA from the current gradients. Call after backward (and clipping), before the
         optimizer step, once per optimizer step. A no-op outside the window."""
-        if not self.observing or not self.backend.at_boundary():
+        if not self.observing or self._paused or not self.backend.at_boundary():
             return
         self._warn_eval_mode()
         if self.acc is None:  # no IGIA: only the finite check of this step's gradients

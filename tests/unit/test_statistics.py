@@ -192,3 +192,20 @@ def test_lora_on_some_layers_only_is_refused_for_igia_criteria():
     with pytest.raises(GradPrunerError, match=r"layers without adapters: \[2, 3\]"):
         GradPruner(model, _cfg("igia_sum", num_drop=1))
     GradPruner(_peft(tiny_llama(4), layers_to_transform=[0, 1]), _cfg("shortgpt_bi", num_drop=1))
+
+
+@pytest.mark.parametrize("criterion", ["shortgpt_bi", "igia_sum"])
+def test_paused_steps_are_not_observed(criterion):
+    """Steps inside pruner.paused() leave every statistic as if they had not happened."""
+    data = batches(3, seed=8)
+    clean_model = tiny_llama(5)
+    clean = GradPruner(clean_model, _cfg(criterion, window_steps=2))
+    _observe(clean_model, clean, [data[0], data[2]])
+    model = tiny_llama(5)
+    p = GradPruner(model, _cfg(criterion, window_steps=2))
+    _observe(model, p, data[:1])
+    with p.paused():
+        _observe(model, p, data[1:2])
+    _observe(model, p, data[2:])
+    assert p.steps_seen == 2
+    assert _scores(p) == pytest.approx(_scores(clean), rel=1e-6)
