@@ -40,7 +40,7 @@ from gradpruner_ds.backends.base import Backend, EngineAdapter
 from gradpruner_ds.backends.sharded import ShardedBackend
 from gradpruner_ds.config import GradPrunerConfig
 from gradpruner_ds.core.igia import IGIAAccumulator, Key, sq_norms
-from gradpruner_ds.core.merge import MergeRule, keep_count, kth_largest, topk_mask
+from gradpruner_ds.core.merge import keep_count, kth_largest, topk_mask
 from gradpruner_ds.core.plan import PrunePlan, make_plan
 from gradpruner_ds.core.scoring import ScoreContext, get_criterion, layer_scores, partial_table
 from gradpruner_ds.diagnostics import rss_bytes
@@ -463,12 +463,9 @@ class GradPruner:
         names = list(self.spec.linear_names)
         mkeys = [(p, n) for p in plan.merged for n in names]
         igia = {k: self.acc.igia(k).reshape(-1) for k in mkeys}
-        rule: MergeRule
         if self.config.merge_rule == "laco":  # unmasked: every entry of this rank's piece
-            rule = "laco"
             masks = {k: torch.ones_like(igia[k], dtype=torch.bool) for k in mkeys}
         else:
-            rule = "sign" if self.config.sign_consistent else "masked"
             ks = [
                 keep_count(self.backend.global_numel(self.weights[k]), self.config.keep_fraction)
                 for k in mkeys
@@ -485,7 +482,9 @@ class GradPruner:
             for n in names
         ]
         # each target matrix is merged in one call, so every source's sign test sees the ORIGINAL target
-        local_counts = self.backend.apply_merge(self.weights, groups, rule)
+        local_counts = self.backend.apply_merge(
+            self.weights, groups, self.config.merge_rule, self.config.sign_consistent
+        )
         counts = torch.tensor([list(local_counts.get(k, (0, 0))) for k in mkeys], dtype=torch.int64)
         self.backend.all_reduce_sum_(counts)
         col = {k: i for i, k in enumerate(mkeys)}

@@ -57,7 +57,11 @@ class EngineAdapter(Protocol):
     def global_numel(self, p: nn.Parameter) -> int: ...
     def lora_slices(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, tuple[int, int]] | None: ...
     def apply_merge(
-        self, params: Mapping[Key, nn.Parameter], groups: Sequence[MergeGroup], rule: MergeRule
+        self,
+        params: Mapping[Key, nn.Parameter],
+        groups: Sequence[MergeGroup],
+        merge_rule: MergeRule,
+        sign_consistent: bool = True,
     ) -> dict[Key, tuple[int, int]]: ...
     def store_weight(self, param: nn.Parameter, local_piece: torch.Tensor) -> None: ...
     def log_events(self, events: Mapping[str, float], step: int) -> None: ...
@@ -155,7 +159,11 @@ class Backend:
         return None
 
     def apply_merge(
-        self, params: Mapping[Key, nn.Parameter], groups: Sequence[MergeGroup], rule: MergeRule
+        self,
+        params: Mapping[Key, nn.Parameter],
+        groups: Sequence[MergeGroup],
+        merge_rule: MergeRule,
+        sign_consistent: bool = True,
     ) -> dict[Key, tuple[int, int]]:
         """Merge each group's masked sources into its target (method.md), in every copy of the weight
         the engine keeps. Returns per merged matrix this rank's (mask entries, merged entries) counts,
@@ -165,7 +173,7 @@ class Backend:
         for tkey, sources in groups:
             target = local[tkey]
             pairs = [(local[s].reshape(target.shape), m.reshape(target.shape)) for s, m in sources]
-            added = merge_(target, pairs, rule)
+            added = merge_(target, pairs, merge_rule, sign_consistent)
             for (skey, mask), n in zip(sources, added, strict=True):
                 counts[skey] = (int(mask.sum()), n)
             self.store_weight(params[tkey], target)

@@ -76,7 +76,11 @@ class Zero12Backend(DeepSpeedBackend):
         return buf.view(p.shape)
 
     def apply_merge(
-        self, params: Mapping[Key, nn.Parameter], groups: Sequence[MergeGroup], rule: MergeRule
+        self,
+        params: Mapping[Key, nn.Parameter],
+        groups: Sequence[MergeGroup],
+        merge_rule: MergeRule,
+        sign_consistent: bool = True,
     ) -> dict[Key, tuple[int, int]]:
         """Each target is merged whole, one matrix at a time: masks and fp32 values are assembled from
         fragments, every rank computes the same merge, writes its master fragment and the replicated copy."""
@@ -92,7 +96,7 @@ class Zero12Backend(DeepSpeedBackend):
                 full_mask[start : start + numel] = mask_piece.to(torch.uint8)
                 self.all_reduce_sum_(full_mask)
                 pairs.append((self._full_fp32(sp), full_mask.view(sp.shape).bool()))
-            added = merge_(target, pairs, rule)
+            added = merge_(target, pairs, merge_rule, sign_consistent)
             t_start, t_numel = self._frag(tp)
             for (skey, mask_piece), n_added in zip(sources, added, strict=True):
                 # mask pieces are disjoint over ranks; the whole-matrix merge ran on every rank, so only

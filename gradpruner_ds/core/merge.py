@@ -22,9 +22,9 @@ from typing import Literal
 import torch
 
 Reducer = Callable[[torch.Tensor], None]
-MergeRule = Literal["sign", "masked", "laco"]
-"""``sign``: the paper's sign-consistent masked merge; ``masked``: the same without the sign test (an
-ablation); ``laco``: LaCo-style unmasked differences (a baseline)."""
+MergeRule = Literal["gradpruner", "laco"]
+"""The config's ``merge_rule``: ``gradpruner``, the paper's top-p masked merge (sign-consistent unless
+``sign_consistent=False``, an ablation); ``laco``, LaCo-style unmasked differences (a baseline)."""
 
 
 def keep_count(numel: int, keep_fraction: float) -> int:
@@ -81,19 +81,19 @@ def topk_mask(values: torch.Tensor, threshold: float) -> torch.Tensor:
 def sign_consistent_merge_(
     target: torch.Tensor,
     sources: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    sign_rule: bool = True,
+    sign_consistent: bool = True,
 ) -> list[int]:
     """Add each masked source into ``target`` in place; returns, per source, how many entries were added.
 
     ``sources`` holds ``(W_p, M_p)`` pairs laid out like ``target`` (the same local piece). With
-    ``sign_rule=False`` (an ablation) the sign test is skipped: ``W_r += W_p * M_p``.
+    ``sign_consistent=False`` (an ablation) the sign test is skipped: ``W_r += W_p * M_p``.
     """
     orig_pos = target > 0
     orig_neg = target < 0
     added = []
     for w_p, mask in sources:
         sel = mask.to(torch.bool)
-        if sign_rule:
+        if sign_consistent:
             sel = sel & ((orig_pos & (w_p > 0)) | (orig_neg & (w_p < 0)))
         target.add_(
             torch.where(sel, w_p.to(target.dtype), torch.zeros((), dtype=target.dtype, device=target.device))
@@ -118,9 +118,13 @@ def difference_merge_(
 
 
 def merge_(
-    target: torch.Tensor, sources: Sequence[tuple[torch.Tensor, torch.Tensor]], rule: MergeRule = "sign"
+    target: torch.Tensor,
+    sources: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    merge_rule: MergeRule = "gradpruner",
+    sign_consistent: bool = True,
 ) -> list[int]:
-    """Merge ``sources`` (``(W_p, M_p)`` pairs laid out like ``target``) into ``target`` by ``rule``."""
-    if rule == "laco":
+    """Merge ``sources`` (``(W_p, M_p)`` pairs laid out like ``target``) into ``target`` by the config's
+    ``merge_rule`` and ``sign_consistent``."""
+    if merge_rule == "laco":
         return difference_merge_(target, sources)
-    return sign_consistent_merge_(target, sources, sign_rule=rule == "sign")
+    return sign_consistent_merge_(target, sources, sign_consistent=sign_consistent)
