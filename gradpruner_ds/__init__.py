@@ -16,6 +16,7 @@ _LAZY = {
     "load_config": "gradpruner_ds.config",
     "PrunePlan": "gradpruner_ds.core.plan",
     "GradPruner": "gradpruner_ds.pruner",
+    "Continue": "gradpruner_ds.pruner",
     "remove_layers": "gradpruner_ds.surgery",
     "get_arch": "gradpruner_ds.arch",
     "register_arch": "gradpruner_ds.arch",

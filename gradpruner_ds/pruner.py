@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -62,6 +62,17 @@ def count_params(model: nn.Module, backend: EngineAdapter | None = None) -> int:
     for p in model.parameters():
         total += backend.global_numel(p) if backend is not None else p.numel()  # type: ignore[arg-type]
     return total
+
+
+class Continue(NamedTuple):
+    """What ``maybe_prune`` returns on every engine: the objects the training loop uses from now on. It
+    unpacks like the pair it was given (``optimizer, scheduler = pruner.maybe_prune(optimizer, scheduler)``)."""
+
+    stepper: Any
+    """What the loop calls ``.step()`` on: the torch optimizer (one process, FSDP2: the same object, pruned in
+    place), or the DeepSpeed engine (a new engine after the prune)."""
+    lr_scheduler: Any
+    """The LR scheduler (the same object; its schedule continues)."""
 
 
 class GradPruner:
@@ -503,15 +514,16 @@ class GradPruner:
         return {"merge": stats}
 
     # ---- the whole prune ----------------------------------------------------------------------------
-    def maybe_prune(self, optimizer: Any = None, lr_scheduler: Any = None) -> tuple[Any, Any]:
-        """Prune if the window is complete; returns the (possibly rebuilt) optimizer and scheduler. Called
-        once per optimizer step, it also times the steps before and after the prune for the report."""
+    def maybe_prune(self, optimizer: Any = None, lr_scheduler: Any = None) -> Continue:
+        """Call once per optimizer step with what the loop steps (the torch optimizer, or the DeepSpeed
+        engine) and the LR scheduler. Prunes when the window is complete, and returns the objects to use
+        from now on (:class:`Continue`). Also times the steps before and after the prune for the report."""
         self._time_step()
         if self.plan is not None and self.distiller is not None:  # one more step of the pruned model done
             self.distiller.step_done()
         if not self.ready:
-            return optimizer, lr_scheduler
-        out = self.prune(optimizer, lr_scheduler)
+            return Continue(optimizer, lr_scheduler)
+        out = Continue(*self.prune(optimizer, lr_scheduler))
         self._last_call = time.perf_counter()  # the next interval is a plain step of the smaller model
         return out
 
@@ -678,9 +690,9 @@ class DisabledPruner:
     def observe(self) -> None:
         """Nothing is observed."""
 
-    def maybe_prune(self, optimizer: Any = None, lr_scheduler: Any = None) -> tuple[Any, Any]:
+    def maybe_prune(self, optimizer: Any = None, lr_scheduler: Any = None) -> Continue:
         """Nothing is pruned: returns its arguments."""
-        return optimizer, lr_scheduler
+        return Continue(optimizer, lr_scheduler)
 
     def distill(self, loss: torch.Tensor, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         """No recovery: returns ``loss``."""

@@ -317,3 +317,22 @@ def test_laco_merge_rule_adds_unmasked_differences(tmp_path):
             assert torch.allclose(model.model.layers[new_t].get_submodule(n).weight, want, atol=1e-6), n
     assert plan.extra["merge_rule"] == "laco"
     assert all(s["mask_density"] == 1.0 for s in pruner.report["merge"])
+
+
+def test_maybe_prune_returns_the_objects_to_use_from_now_on():
+    """One meaning on every engine: a Continue(stepper, lr_scheduler) that unpacks like the given pair."""
+    from helpers.tiny import batches, tiny_llama
+
+    from gradpruner_ds.config import GradPrunerConfig
+    from gradpruner_ds.pruner import Continue, GradPruner
+
+    model = tiny_llama(4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    p = GradPruner(model, GradPrunerConfig.from_dict({"window_steps": 1, "num_drop": 1, "progress_bar": False}))
+    model(**batches(1)[0]).loss.backward()
+    p.observe()
+    out = p.maybe_prune(opt, sched)
+    assert isinstance(out, Continue) and out.stepper is opt and out.lr_scheduler is sched
+    stepper, scheduler = out
+    assert stepper is opt and scheduler is sched and p.plan is not None
