@@ -297,11 +297,14 @@ def _translate(exc: ValidationError) -> GradPrunerError:
         loc = ".".join(str(p) for p in err["loc"]) or "(block)"
         value = err.get("input")
         if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(loc, list(fields), n=1)
+            parent, _, key = loc.rpartition(".")
+            valid = RecoveryConfig.model_fields if parent == "recovery" else fields
+            close = difflib.get_close_matches(key, list(valid), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
+            where = f"the '{parent}' sub-block" if parent else f"the '{BLOCK_NAME}' block"
             msgs.append(
-                f"unknown key '{loc}' in the '{BLOCK_NAME}' block (got {value!r}). Fix: {hint}"
-                f"remove it; valid keys: {', '.join(fields)}"
+                f"unknown key '{loc}' in {where} (got {value!r}). Fix: {hint}"
+                f"remove it; valid keys: {', '.join(valid)}"
             )
             continue
         rule = err["msg"].removeprefix("Value error, ")

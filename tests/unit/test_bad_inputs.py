@@ -160,6 +160,7 @@ CASES: list[tuple[str, str, Callable[..., object], str]] = [
     ("cfg-given-and-protected", "a layer both in layers_to_remove and protect_layers", lambda t: GradPrunerConfig.from_dict({"window_steps": 2, "layers_to_remove": [1], "protect_layers": [1]}), "both in layers_to_remove"),
     ("cfg-layer-out-of-range", "protect_layers naming a layer the model does not have", lambda t: pruner(protect_layers=[7]), "decoder-layer indices in [0, 4)"),
     ("cfg-protect-too-many", "protect_layers leaving too few layers for the budget", lambda t: pruner(num_drop=2, protect_layers=[0, 1, 2]), "must fit among"),
+    ("cfg-recovery-typo", 'recovery: {"distill_step": 4} (a misspelled sub-block key)', lambda t: cfg(recovery={"distill_step": 4}), "did you mean 'distill_steps'"),
     ("block-not-object", '"gradpruner": [1, 2]', lambda t: load_config({"gradpruner": [1]}), "must be a JSON object"),
     ("block-misspelled", '"grad_pruner": {...}', lambda t: load_config({"grad_pruner": OK}), "looks like a misspelling"),
     ("block-missing", "--gradpruner without a block", lambda t: load_config({"train_batch_size": 8}), "needs a 'gradpruner' block"),
