@@ -48,3 +48,62 @@ def test_one_plan_for_every_engine():
     first = {k: plans["single"][k] for k in keys}
     for name, plan in plans.items():
         assert {k: plan[k] for k in keys} == first, name
+
+
+def _fsdp2_window(rank: int, world: int, block: dict, ck: str, phase: str) -> dict:
+    """FSDP2 on 2 ranks through the 3-step window: "full" runs it whole; "save" stops after 2 steps and
+    writes the model and optimizer (torch DCP) and GradPruner's state; "resume" starts new from those."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from helpers.training import LR, global_batches, make_model
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from gradpruner_ds.backends.fsdp2 import FSDP2Backend
+    from gradpruner_ds.checkpoint import load_pruner_state, save_pruner_state
+    from gradpruner_ds.config import GradPrunerConfig
+    from gradpruner_ds.pruner import GradPruner
+
+    model = make_model(6, False)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    window = block["window_steps"]
+    pruner = GradPruner(model, GradPrunerConfig.from_dict(block), total_steps=window + 1, backend=FSDP2Backend(model))
+    start = 0
+    if phase == "resume":
+        model_sd, optim_sd = get_state_dict(model, opt)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=f"{ck}/dcp")
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        assert load_pruner_state(pruner, f"{ck}/gradpruner") is None
+        start = pruner.steps_seen
+    for step, micro_batches in enumerate(global_batches(window, world, MICRO, GAS)):
+        if step < start:
+            continue
+        for b in micro_batches:
+            mine = {k: v[rank * MICRO : (rank + 1) * MICRO] for k, v in b.items()}
+            (model(**mine).loss / GAS).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        pruner.observe()
+        opt.step()
+        opt.zero_grad()
+        if phase == "save" and step + 1 == 2:
+            model_sd, optim_sd = get_state_dict(model, opt)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{ck}/dcp")
+            save_pruner_state(pruner, f"{ck}/gradpruner")
+            return {}
+    plan = pruner.make_plan()
+    return {"scores": list(plan.scores), "dropped": list(plan.dropped)}
+
+
+@pytest.mark.parametrize("criterion", ["shortgpt_bi", "igia_sum"])
+def test_fsdp2_resume_inside_the_window_gives_the_uninterrupted_plan(tmp_path, criterion):
+    block = {**BLOCK, "criterion": criterion, "num_drop": 2, "num_merge": 0}
+    full = run_ranks(_fsdp2_window, 2, block, str(tmp_path / "unused"), "full")
+    run_ranks(_fsdp2_window, 2, block, str(tmp_path / "ck"), "save")
+    resumed = run_ranks(_fsdp2_window, 2, block, str(tmp_path / "ck"), "resume")
+    for a, b in zip(full, resumed, strict=True):
+        assert b["scores"] == pytest.approx(a["scores"], rel=1e-6)
+        assert b["dropped"] == a["dropped"]
