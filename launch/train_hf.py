@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON file with the gradpruner block (default: the DeepSpeed config's block)",
     )
     p.add_argument("--no_gradpruner", action="store_true", help="plain fine-tuning (the baseline)")
+    p.add_argument("--save_steps", type=int, default=0, help="save a Trainer checkpoint every N steps (0: none)")
+    p.add_argument("--resume_from_checkpoint", default=None, metavar="PATH",
+                   help="resume from a Trainer checkpoint folder of an earlier run (checkpoint-<step>)")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     return p
 
@@ -150,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         weight_decay=0.0,
         max_grad_norm=1.0,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
         report_to=[],
         use_cpu=True,
         seed=args.seed,
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         processing_class=tok,
     )
     cb = None if args.no_gradpruner else add_gradpruner(trainer, gp_cfg)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     plan = cb.pruner.plan if cb is not None and cb.pruner is not None else None
     summary = {
         "world": _world(),

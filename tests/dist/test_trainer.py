@@ -105,3 +105,25 @@ def test_accelerate_launch_trainer_fsdp2_matches_single_process(tmp_path, single
     assert summary["engine"] == "fsdp2" and summary["world"] == 2
     same_run(summary, single[1])
     assert torch.allclose(final_logits(tmp_path), final_logits(single[0]), atol=1e-4)
+
+
+@pytest.mark.skipif(tool("torchrun") is None, reason="torchrun not installed")
+def test_trainer_deepspeed_resumes_from_its_checkpoint_after_the_prune(tmp_path, single):
+    """ZeRO-2 on 2 ranks: a run that saves every 2 steps, then a NEW run resumed from checkpoint-4 (after
+    the prune at step 2): the pruned architecture is rebuilt before the Trainer loads the engine's
+    checkpoint, nothing is observed again, and the losses of steps 5.. and the final model are the
+    uninterrupted run's."""
+    ds = str(trainer_config(tmp_path, 2))
+    base = [tool("torchrun"), "--nproc_per_node", "2", SCRIPT, *COMMON, "--per_device_batch", "2", "--deepspeed", ds]
+    first = tmp_path / "first"
+    check(first, launch([*base[:3], "--master_port", str(free_port()), *base[3:], "--save_steps", "2",
+                         "--output_dir", str(first)]))  # fmt: skip
+    assert (first / "checkpoint-4" / "gradpruner" / "state.json").exists()
+    second = tmp_path / "second"
+    log = launch([*base[:3], "--master_port", str(free_port()), *base[3:], "--output_dir", str(second),
+                  "--resume_from_checkpoint", str(first / "checkpoint-4")])  # fmt: skip
+    assert "resuming a pruned run" in log and "observing" not in log.split("resuming a pruned run")[1]
+    resumed = json.loads((second / "summary.json").read_text())
+    assert resumed["layers_after"] == KEPT and resumed["global_step"] == STEPS
+    assert resumed["losses"] == pytest.approx(single[1]["losses"], abs=2e-5)
+    assert torch.allclose(final_logits(second), final_logits(single[0]), atol=1e-4)
