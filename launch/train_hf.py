@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data_collator=lambda rows: collate(rows, tok.pad_token_id),
         processing_class=tok,
     )
-    cb = None if args.no_gradpruner else add_gradpruner(trainer, gp_cfg)
+    cb = None if args.no_gradpruner else add_gradpruner(trainer, gp_cfg, save_final=True)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     plan = cb.pruner.plan if cb is not None and cb.pruner is not None else None
     summary = {

@@ -18,9 +18,11 @@ Under a DeepSpeed config the block may also live in the DeepSpeed config (``"gra
   (``DeepSpeedBackend.rebuild``). The Trainer's loop holds the engine in a local variable, so the old
   engine object is turned into the new one (``DeepSpeedBackend.rebind``): every holder of it (the loop,
   ``trainer.model_wrapped``, ``trainer.deepspeed``, accelerate) trains the pruned model from the next step.
-* **Save.** At the end of training the pruned model is written with ``save_pretrained``-compatible files
-  to ``<output_dir>/gradpruner_final`` (rank 0 writes; ZeRO-3 is gathered one layer at a time; FSDP2
-  gathers a full state dict onto CPU).
+* **Save.** With full fine-tuning the Trainer's own ``trainer.save_model()`` writes the pruned model (its
+  config says so), so nothing else is written unless ``save_final=True``. With peft LoRA the Trainer saves
+  adapters on the unpruned base; then (or when asked) the complete pruned model, adapters merged, goes to
+  ``<output_dir>/gradpruner_final`` (:func:`gradpruner_ds.save_pretrained`: gathered one layer at a time
+  under ZeRO-3 / FSDP2, rank 0 writes).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class GradPrunerCallback(TrainerCallback):
         config: GradPrunerConfig | Mapping[str, Any] | None = None,
         *,
         trainer: Any = None,
-        save_final: bool = True,
+        save_final: bool | None = None,
     ) -> None:
         if config is None or isinstance(config, GradPrunerConfig):
             self.config = config
@@ -277,7 +279,12 @@ class GradPrunerCallback(TrainerCallback):
         processing_class: Any = None,
         **kwargs: Any,
     ) -> None:
-        if not self.save_final or self.plan is None or (self.config is not None and self.config.observe_only):
+        if self.plan is None or (self.config is not None and self.config.observe_only):
+            return
+        save = self.save_final
+        if save is None:  # by default only where the Trainer's own save is not the pruned model: peft runs
+            save = unwrap_model(model) is not model and hasattr(model, "peft_config")
+        if not save:
             return
         out = Path(args.output_dir) / "gradpruner_final"
         from gradpruner_ds.export import save_pretrained
@@ -288,7 +295,10 @@ class GradPrunerCallback(TrainerCallback):
 
 
 def add_gradpruner(
-    trainer: Any, config: GradPrunerConfig | Mapping[str, Any] | None = None, *, save_final: bool = True
+    trainer: Any,
+    config: GradPrunerConfig | Mapping[str, Any] | None = None,
+    *,
+    save_final: bool | None = None,
 ) -> GradPrunerCallback:
     """Add a :class:`GradPrunerCallback` bound to ``trainer`` (works for every engine); returns it.
 

@@ -38,7 +38,9 @@ def test_trainer_callback_prunes_in_place_and_training_continues(tmp_path):
         use_cpu=True,
         dataloader_num_workers=0,
     )
-    cb = GradPrunerCallback({"window_steps": 3, "num_drop": 1, "num_merge": 1, "progress_bar": False})
+    cb = GradPrunerCallback(
+        {"window_steps": 3, "num_drop": 1, "num_merge": 1, "progress_bar": False}, save_final=True
+    )
     trainer = Trainer(model=model, args=args, train_dataset=_Data(), callbacks=[cb])
     trainer.train()
     plan = cb.pruner.plan
@@ -157,7 +159,7 @@ def test_trainer_resumes_from_its_own_checkpoint_inside_the_window_and_after_the
     assert (ckpt / "gradpruner" / "state.json").exists()
     model = tiny_llama(6)  # the dense model, as a user rebuilds it
     trainer = Trainer(model=model, args=_resume_args(tmp_path, save=False), train_dataset=_Data())
-    cb = add_gradpruner(trainer, BLOCK)
+    cb = add_gradpruner(trainer, BLOCK, save_final=True)
     trainer.train(resume_from_checkpoint=str(ckpt))
     assert cb.plan is not None and cb.plan.dropped == uninterrupted["plan"].dropped
     assert cb.plan.scores == pytest.approx(uninterrupted["plan"].scores, rel=1e-6)
@@ -219,6 +221,25 @@ def test_trainer_save_model_writes_the_pruned_model(tmp_path):
     add_gradpruner(trainer, BLOCK)
     trainer.train()
     trainer.save_model(str(tmp_path / "saved"))
+    assert not (tmp_path / "gradpruner_final").exists()  # not asked: the Trainer's own save is the model
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     assert loaded.config.num_hidden_layers == 4 and loaded.config.gradpruner["original_num_layers"] == 6
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_trainer_with_peft_default_lora_leaves_a_complete_pruned_model(tmp_path):
+    """peft's default LoraConfig under the Trainer: the default criterion needs no adapters anywhere, and
+    gradpruner_final/ (written by default for peft runs) is the pruned base with the adapters merged in."""
+    from peft import LoraConfig, get_peft_model
+
+    from gradpruner_ds.integrations.hf_trainer import add_gradpruner
+
+    model = get_peft_model(tiny_llama(6), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    args = _resume_args(tmp_path, save=False)
+    args.learning_rate = 1e-2
+    trainer = Trainer(model=model, args=args, train_dataset=_Data())
+    add_gradpruner(trainer, BLOCK)
+    trainer.train()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gradpruner_final")
+    assert loaded.config.num_hidden_layers == 4
     torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-5, atol=1e-5)
