@@ -322,8 +322,10 @@ class GradPruner:
 
     # ---- observation --------------------------------------------------------------------------------
     def observe(self) -> None:
-        """Accumulate IGIA from the current gradients. Call after backward (and clipping), before the
-        optimizer step, once per optimizer step. A no-op outside the window."""
+        """End of one optimizer step of the window: check the step's gradients are finite on every rank,
+        accumulate IGIA from them (when the criterion or a merge reads it) and commit the step's hidden-state
+        sums, or leave the step out of every statistic. Call after backward (and clipping), before the
+        optimizer step, once per optimizer step. A no-op outside the window or while paused."""
         if not self.observing or self._paused or not self.backend.at_boundary():
             return
         self._warn_eval_mode()
