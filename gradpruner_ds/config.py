@@ -67,7 +67,7 @@ class GradPrunerConfig(BaseModel):
             "with mode 'lora' (the paper's LoRA-probe score; "
             "reproduces arXiv 2601.19503) or mode 'full' (true gradients); 'igia_norm_sum' is the reference "
             "code's unsquared-norm variant. Also: 'igia_relative', 'obd', 'obd_residual', 'gate_fisher', "
-            "'angular', 'reverse', 'random' (docs/criteria.md)."
+            "'angular', 'last_layers', 'reverse', 'random' (docs/criteria.md)."
         ),
     )
     window_steps: int | None = Field(
