@@ -182,10 +182,3 @@ def _delta(layer: Any, factors: Iterator[torch.Tensor]) -> torch.Tensor | None:
             d = d.T
         total = d if total is None else total + d
     return total
-
-
-def save_pretrained_layerwise(
-    model: Any, out_dir: str | Path, tokenizer: Any = None, *, rank: int = 0, zero3: bool = False
-) -> None:
-    """Deprecated name of :func:`save_pretrained` (which finds the rank and the engine itself)."""
-    save_pretrained(model, out_dir, tokenizer)
