@@ -5,7 +5,8 @@ Layout, inside a checkpoint folder (for DeepSpeed: ``<save_dir>/<tag>/gradpruner
 * ``state.json`` (rank 0): schema version, gradpruner-ds version, config digest, world size, step counts
   of the window, and the plan (JSON with its digest) once the model is pruned;
 * ``stats_rank<r>.safetensors`` (every rank, only during the window): that rank's pieces of every
-  statistic the criterion collects (IGIA, hidden-state sums). The nesting of the state (which tensor is
+  statistic the criterion collects (``gradpruner_ds.statistics``: IGIA, hidden-state sums, layer-gate
+  sums; keyed by statistic name) and, during the distillation after the prune, the teacher. The nesting of the state (which tensor is
   where) is kept as JSON in the file's metadata, per rank: ranks may hold differently laid out pieces.
 
 Every file is written atomically. Resuming replays the surgery from the plan BEFORE the engine loads
@@ -25,7 +26,8 @@ from gradpruner_ds.core.plan import PrunePlan
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.io import atomic_write_bytes, atomic_write_text
 
-STATE_SCHEMA_VERSION = 2
+STATE_SCHEMA_VERSION = 3
+"""3: statistics keyed by statistic name (``igia``, ``hidden_states``, ``layer_gates``)."""
 SUBDIR = "gradpruner"
 _TENSOR = "__tensor__"
 
@@ -131,7 +133,7 @@ def load_pruner_state(pruner: Any, folder: str | Path) -> PrunePlan | None:
     ):
         stats = _read_statistics(path)
     else:  # after the prune nothing is measured any more; another world size is refused by the pruner
-        stats = {"igia": None, "activations": None, "recovery": None}
+        stats = {"recovery": None}
     return pruner.load_state_dict({**state, "statistics": stats})
 
 

@@ -26,28 +26,20 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from gradpruner_ds.activations import ActivationCollector
-from gradpruner_ds.arch import (
-    ArchSpec,
-    decoder_layers,
-    get_arch,
-    layer_linears,
-    linear_weight,
-    lora_factors,
-    unwrap_model,
-)
+from gradpruner_ds.arch import ArchSpec, decoder_layers, get_arch, unwrap_model
 from gradpruner_ds.backends.base import Backend, EngineAdapter
 from gradpruner_ds.backends.sharded import ShardedBackend
 from gradpruner_ds.config import GradPrunerConfig
-from gradpruner_ds.core.igia import IGIAAccumulator, Key, sq_norms
+from gradpruner_ds.core.igia import Key, sq_norms
 from gradpruner_ds.core.merge import keep_count, kth_largest, topk_mask
 from gradpruner_ds.core.plan import PrunePlan, make_plan
-from gradpruner_ds.core.scoring import ScoreContext, get_criterion, layer_scores, partial_table
+from gradpruner_ds.core.scoring import ScoreContext, get_criterion, layer_scores
 from gradpruner_ds.diagnostics import rss_bytes
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
 from gradpruner_ds.recovery import Distiller
 from gradpruner_ds.report import build_report, check_report_dir, write_report
+from gradpruner_ds.statistics import BuildContext, IGIAStatistic, Statistic, build_statistics
 from gradpruner_ds.surgery import remove_layers
 
 log = get_logger("pruner")
@@ -103,22 +95,6 @@ class GradPruner:
         self.num_layers = len(decoder_layers(model))
         self.window = config.resolve_window(total_steps)
         self.num_drop, self.num_merge = config.resolve_budget(self.num_layers)
-        crit = get_criterion(config.effective_criterion)
-        # IGIA is collected only when something reads it: an IGIA criterion, or the masks of a merge
-        self.needs_igia = config.enabled and (crit.source == "igia" or self.num_merge > 0)
-        self.mode = "none"  # no gradient statistics are read
-        self.keys: list[Key] = []
-        self.weights: dict[Key, nn.Parameter] = {}
-        self.factors: dict[Key, tuple[nn.Parameter, nn.Parameter]] = {}
-        self.acc: IGIAAccumulator | None = None
-        if self.needs_igia:
-            self._init_igia()
-        self.collector: ActivationCollector | None = None
-        if config.enabled and crit.source == "activation":
-            assert crit.spans is not None
-            self.collector = ActivationCollector(
-                model, crit.spans(self.num_drop + self.num_merge), gate_grads=crit.gate_grads
-            )
         if config.enabled and config.output_dir is not None and self.backend.rank == 0:
             check_report_dir(Path(config.output_dir))
         self.distiller: Distiller | None = None
@@ -129,6 +105,26 @@ class GradPruner:
                 type(self.backend).__name__,
                 "remove the 'recovery' sub-block for sharded runs",
             )
+        # last (no hook may outlive a failed check above): the statistics the criterion reads, plus IGIA for
+        # the masks of a merge; nothing when disabled
+        self.statistics: dict[str, Statistic] = {}
+        if config.enabled:
+            self.statistics = build_statistics(
+                BuildContext(
+                    model=model,
+                    spec=self.spec,
+                    config=config,
+                    backend=self.backend,
+                    criterion=get_criterion(config.effective_criterion),
+                    window=self.window,
+                    num_layers=self.num_layers,
+                    budget=self.num_drop + self.num_merge,
+                    num_merge=self.num_merge,
+                )
+            )
+        igia = self.igia
+        self.mode = igia.mode if igia is not None else "none"
+        """How gradients are read: "full", "lora" (peft adapters), or "none" (no statistic reads them)."""
         self._paused = False
         self._last_call: float | None = None
         self._step_times: tuple[list[float], list[float]] = ([], [])
@@ -140,9 +136,9 @@ class GradPruner:
         self.report: dict[str, Any] | None = None
         self._bar: Any = None
         log.info(
-            "observing %d steps (%s, criterion %s); then removing %d of %d layers (%d dropped, %d merged)",
+            "observing %d steps (collecting: %s; criterion %s); then removing %d of %d layers (%d dropped, %d merged)",
             self.window,
-            "no gradient statistics" if self.mode == "none" else f"{self.mode} gradients",
+            ", ".join(self.statistics) or "no statistics",
             config.effective_criterion,
             self.num_drop + self.num_merge,
             self.num_layers,
@@ -150,76 +146,19 @@ class GradPruner:
             self.num_merge,
         )
 
-    # ---- state --------------------------------------------------------------------------------------
-    def _init_igia(self) -> None:
-        """The matrices IGIA is read from (every scored linear; in LoRA mode those carrying an adapter)
-        and the accumulator."""
-        config = self.config
-        linears = {
-            (i, name): module
-            for i, layer in enumerate(decoder_layers(self.model))
-            for name, module in layer_linears(layer, self.spec).items()
-        }
-        with_lora = {k for k, m in linears.items() if lora_factors(m, config.lora_adapter) is not None}
-        mode = config.mode if config.mode != "auto" else ("lora" if with_lora else "full")
-        if mode == "lora":
-            if not with_lora:
-                raise user_error(
-                    f"mode 'lora' needs peft LoRA adapters named '{config.lora_adapter}' on the scored linear layers",
-                    "no adapter found",
-                    f"wrap the model with peft (target_modules e.g. {list(self.spec.linear_names)}) or use mode "
-                    "'full'; criteria that read no gradients (e.g. 'shortgpt_bi') need no adapters",
-                )
-            bare = sorted({i for i in range(self.num_layers)} - {i for i, _ in with_lora})
-            if bare:
-                raise user_error(
-                    f"criterion '{config.effective_criterion}' scores a layer from the gradients of its LoRA "
-                    "adapters, but some decoder layers carry none (they would score 0 and be removed first)",
-                    f"layers without adapters: {bare}",
-                    "put adapters on every decoder layer, or use a criterion that reads no gradients "
-                    "(e.g. 'shortgpt_bi', the default)",
-                )
-            unscored = sorted({n for _, n in linears} - {n for _, n in with_lora})
-            if unscored and self.num_merge:
-                raise user_error(
-                    "a merge needs the IGIA of every linear of the merged layers, but some carry no LoRA adapter",
-                    unscored,
-                    "target every linear with LoRA (target_modules='all-linear'), or set num_merge to 0",
-                )
-            if unscored or len(with_lora) != len(linears):
-                log.warning(
-                    "mode 'lora': scoring only the %d of %d linears that carry a LoRA adapter; not scored: %s",
-                    len(with_lora),
-                    len(linears),
-                    unscored or "some layers' sublayers",
-                )
-            keys = [k for k in linears if k in with_lora]
-        else:
-            keys = list(linears)
-        self.mode = mode
-        self.keys = keys
-        for key in keys:
-            self.weights[key] = linear_weight(linears[key])
-            if mode == "lora":
-                pair = lora_factors(linears[key], config.lora_adapter)
-                assert pair is not None
-                self.factors[key] = pair
-        if mode == "full":
-            frozen = [k for k, p in self.weights.items() if not p.requires_grad]
-            if frozen:
-                raise user_error(
-                    "mode 'full' reads the true gradients of the linear weights, but some are frozen",
-                    f"{len(frozen)} frozen, e.g. layer {frozen[0][0]} {frozen[0][1]}",
-                    "unfreeze them, or use mode 'lora' with peft LoRA adapters, or a criterion that reads no "
-                    "gradients (e.g. 'shortgpt_bi', the default)",
-                )
-        self.acc = IGIAAccumulator(
-            keys=self.keys,
-            mode=self.mode,
-            slices=self.backend.lora_slices(self.weights) if self.mode == "lora" else None,
-            owns_lora_scalars=self.backend.rank == 0,
-            window=self.window,
-        )
+    # ---- statistics ---------------------------------------------------------------------------------
+    @property
+    def igia(self) -> IGIAStatistic | None:
+        """The IGIA statistic while it is collected (an IGIA criterion, or the masks of a merge), else None."""
+        stat = self.statistics.get("igia")
+        return stat if isinstance(stat, IGIAStatistic) else None
+
+    def _close_statistics(self, keep_igia: bool = False) -> None:
+        """The window is over: every statistic removes its hooks and frees its state (IGIA stays while the
+        merge still reads it, ``keep_igia``)."""
+        for name in list(self.statistics):
+            if not (keep_igia and name == "igia"):
+                self.statistics.pop(name).close()
 
     # ---- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -235,8 +174,7 @@ class GradPruner:
             "skipped_steps": self.skipped_steps,
             "plan": json.loads(self.plan.to_json()) if self.plan is not None else None,
             "statistics": {
-                "igia": self.acc.state_dict() if self.acc is not None and self.plan is None else None,
-                "activations": self.collector.state_dict() if self.collector is not None else None,
+                **{name: stat.state_dict() for name, stat in self.statistics.items()},
                 "recovery": self.distiller.state_dict()
                 if self.distiller is not None and self.distiller.active
                 else None,
@@ -270,10 +208,8 @@ class GradPruner:
         if state["plan"] is not None:
             plan = PrunePlan.from_dict(state["plan"])
             if self.config.observe_only:  # nothing was cut: the plan is the run's result, not a surgery
-                self.plan, self.acc = plan, None
-                if self.collector is not None:
-                    self.collector.remove()
-                    self.collector = None
+                self.plan = plan
+                self._close_statistics()
                 return None
             return plan
         if state["world_size"] != self.backend.world_size:
@@ -283,16 +219,15 @@ class GradPruner:
                 f"saved with {state['world_size']} ranks, now {self.backend.world_size}",
                 "resume with the original number of ranks, or restart the window",
             )
-        stats = state["statistics"]
-        for name, holder in (("igia", self.acc), ("activations", self.collector)):
-            if (stats.get(name) is None) != (holder is None):
-                raise user_error(
-                    "the checkpoint's statistics must be those this criterion collects",
-                    f"'{name}' {'missing' if holder is not None else 'unexpected'}",
-                    "resume with the gradpruner block of the run that saved it",
-                )
-            if holder is not None:
-                holder.load_state_dict(stats[name])
+        saved = {k for k, v in state["statistics"].items() if k != "recovery" and v is not None}
+        if saved != set(self.statistics):
+            raise user_error(
+                "the checkpoint's statistics must be those this criterion collects",
+                f"saved {sorted(saved)}, collected now {sorted(self.statistics)}",
+                "resume with the gradpruner block of the run that saved it",
+            )
+        for name, stat in self.statistics.items():
+            stat.load_state_dict(state["statistics"][name])
         return None
 
     @contextlib.contextmanager
@@ -301,14 +236,14 @@ class GradPruner:
         does nothing (e.g. extra forwards with gradients that are not training steps, or a side-by-side
         timing of plain and observed steps, benchmarks/speed/run.py)."""
         self._paused = True
-        if self.collector is not None:
-            self.collector.paused = True
+        for stat in self.statistics.values():
+            stat.pause(True)
         try:
             yield
         finally:
             self._paused = False
-            if self.collector is not None:
-                self.collector.paused = False
+            for stat in self.statistics.values():
+                stat.pause(False)
 
     @property
     def observing(self) -> bool:
@@ -329,23 +264,17 @@ class GradPruner:
         if not self.observing or self._paused or not self.backend.at_boundary():
             return
         self._warn_eval_mode()
-        if self.acc is None:  # no IGIA: only the finite check of this step's gradients
-            ok = self._gradients_finite()
-        elif self.mode == "full":
-            grads = self.backend.full_grads(self.weights)
-            norms = sq_norms(grads.values())  # one read of each gradient piece, one host sync
-            ok, scale = self.backend.step_check(grads.values(), norms, self.weights.values())
-            if ok:
-                self.acc.add_full_step(grads, scale, norms)
+        reads = [r for stat in self.statistics.values() if (r := stat.step_gradients()) is not None]
+        if not reads:  # no statistic reads gradients: the finite check of every trainable gradient
+            ok, scale = self._gradients_finite()
+        elif len(reads) == 1:
+            ok, scale = self.backend.step_check(reads[0].tensors, reads[0].norms, reads[0].params)
         else:
-            lgrads = self.backend.lora_grads(self.factors)
-            ok, scale = self.backend.step_check(t for pair in lgrads.values() for t in pair)
-            if ok:
-                self.acc.add_lora_step(lgrads, scale)
-        if self.acc is not None and not ok:
-            self.acc.skip_step()
-        if self.collector is not None:  # the step's hidden-state sums count iff its gradients do
-            self.collector.commit(ok)
+            ok, scale = self.backend.step_check(
+                [t for r in reads for t in r.tensors], None, [p for r in reads for p in r.params]
+            )
+        for stat in self.statistics.values():  # every statistic counts the step iff its gradients are finite
+            stat.update(ok, scale)
         if ok:
             self.observed_steps += 1
         else:
@@ -354,13 +283,12 @@ class GradPruner:
         self.steps_seen += 1
         self._progress()
 
-    def _gradients_finite(self) -> bool:
-        """True iff every trainable gradient is finite on every rank (one read of each local piece)."""
+    def _gradients_finite(self) -> tuple[bool, float]:
+        """Whether every trainable gradient is finite on every rank (one read of each local piece)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         pieces = [(p, g) for p in params if (g := self.backend.local_grad(p)) is not None]
         norms = sq_norms(g for _, g in pieces)
-        ok, _ = self.backend.step_check([g for _, g in pieces], norms, [p for p, _ in pieces])
-        return ok
+        return self.backend.step_check([g for _, g in pieces], norms, [p for p, _ in pieces])
 
     def _warn_eval_mode(self) -> None:
         if self._warned_eval or unwrap_model(self.model).training:
@@ -385,31 +313,18 @@ class GradPruner:
 
     # ---- the decision ---------------------------------------------------------------------------------
     def compute_scores(self) -> list[float]:
-        """Global per-layer scores: one SUM all-reduce of the packed partial table."""
+        """Global per-layer scores: the criterion's statistic reduced over ranks (one SUM all-reduce of its
+        packed partial table), then scored."""
         crit = get_criterion(self.config.effective_criterion)
+        keys: list[Key] = []
         spans: tuple[int, ...] = ()
-        if crit.source == "activation":  # hidden-state statistics replace the IGIA table
-            assert self.collector is not None
-            table = self.collector.table()
-            spans = self.collector.spans
-            self.backend.all_reduce_sum_(table)
-            if float(table[-1].sum()) == 0.0:
-                raise user_error(
-                    f"criterion '{crit.name}' reads the hidden states of the window's training forwards, but "
-                    "it saw none that counts",
-                    "0 tokens",
-                    "run the forward with gradients enabled inside the window (not under torch.no_grad), "
-                    "and call observe() once per optimizer step after backward",
-                )
-        elif crit.source == "static":  # no data: nothing to reduce
+        if not crit.reads:  # no data: nothing to reduce
             table = torch.zeros(1, self.num_layers, dtype=torch.float64)
         else:
-            assert self.acc is not None
-            weights = None
-            if crit.needs_saliency or crit.needs_weight_norm:
-                weights = self.backend.local_weights(self.weights)
-            table = partial_table(self.acc, crit.name, weights)
-            self.backend.all_reduce_sum_(table)
+            (name,) = crit.reads
+            stat = self.statistics[name]
+            table = stat.reduce(self.backend)
+            keys, spans = list(stat.keys), tuple(stat.spans)
         ctx = ScoreContext(
             self.num_layers,
             self.spec.residual_writers,
@@ -418,7 +333,7 @@ class GradPruner:
             seed=self.seed,
             given=tuple(self.config.layers_to_remove or ()),
         )
-        return layer_scores(table, self.keys, crit.name, ctx)
+        return layer_scores(table, keys, crit.name, ctx)
 
     def make_plan(self, step: int | None = None) -> PrunePlan:
         """Scores -> the frozen plan, checked for agreement across ranks."""
@@ -472,17 +387,16 @@ class GradPruner:
         """
         if not plan.merged:
             return {"merge": []}
-        assert self.acc is not None  # collected whenever num_merge > 0
+        stat = self.igia
+        assert stat is not None  # collected whenever num_merge > 0
+        weights = stat.weights
         names = list(self.spec.linear_names)
         mkeys = [(p, n) for p in plan.merged for n in names]
-        igia = {k: self.acc.igia(k).reshape(-1) for k in mkeys}
+        igia = {k: stat.igia(k).reshape(-1) for k in mkeys}
         if self.config.merge_rule == "laco":  # unmasked: every entry of this rank's piece
             masks = {k: torch.ones_like(igia[k], dtype=torch.bool) for k in mkeys}
         else:
-            ks = [
-                keep_count(self.backend.global_numel(self.weights[k]), self.config.keep_fraction)
-                for k in mkeys
-            ]
+            ks = [keep_count(self.backend.global_numel(weights[k]), self.config.keep_fraction) for k in mkeys]
             thresholds = kth_largest([igia[k] for k in mkeys], ks, self.backend.all_reduce_sum_)
             masks = {k: topk_mask(igia[k], thr) for k, thr in zip(mkeys, thresholds, strict=True)}
         del igia
@@ -496,14 +410,14 @@ class GradPruner:
         ]
         # each target matrix is merged in one call, so every source's sign test sees the ORIGINAL target
         local_counts = self.backend.apply_merge(
-            self.weights, groups, self.config.merge_rule, self.config.sign_consistent
+            weights, groups, self.config.merge_rule, self.config.sign_consistent
         )
         counts = torch.tensor([list(local_counts.get(k, (0, 0))) for k in mkeys], dtype=torch.int64)
         self.backend.all_reduce_sum_(counts)
         col = {k: i for i, k in enumerate(mkeys)}
         stats = []
         for k in mkeys:
-            numel = self.backend.global_numel(self.weights[k])
+            numel = self.backend.global_numel(weights[k])
             sel, added = counts[col[k]].tolist()
             stats.append(
                 {
@@ -534,13 +448,12 @@ class GradPruner:
         ``observe_only`` the plan and the report are made and nothing else changes."""
         t0 = time.perf_counter()
         plan = self.make_plan()
-        if self.collector is not None:  # the activation hooks end with the window
-            self.collector.remove()
-            self.collector = None
+        self._close_statistics(keep_igia=True)  # the hooks end with the window; the merge reads IGIA
         params_before = count_params(self.model, self.backend)
         rss_before = rss_bytes()
         if self.config.observe_only:
-            self.plan, self.acc = plan, None
+            self.plan = plan
+            self._close_statistics()
             params_after = params_before - sum(
                 count_params(decoder_layers(self.model)[i], self.backend) for i in plan.removed
             )
@@ -631,8 +544,7 @@ class GradPruner:
         """Remove the plan's layers, forget every reference to them, rebuild the optimizer/engine."""
         removed_params = apply_surgery(self.model, plan)
         self.plan = plan
-        self.acc = None  # frees the IGIA state
-        self.weights, self.factors = {}, {}  # no reference to removed parameters may survive
+        self._close_statistics()  # frees the IGIA state; no reference to removed parameters may survive
         return self.backend.rebuild(self.model, removed_params, optimizer, lr_scheduler)
 
     def replay(self, plan: PrunePlan, optimizer: Any = None, lr_scheduler: Any = None) -> tuple[Any, Any]:

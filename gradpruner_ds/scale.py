@@ -19,6 +19,7 @@ from gradpruner_ds.arch import decoder_layers, get_arch, layer_linears, linear_w
 from gradpruner_ds.config import GradPrunerConfig
 from gradpruner_ds.core.plan import make_plan
 from gradpruner_ds.core.scoring import get_criterion
+from gradpruner_ds.statistics import required
 from gradpruner_ds.surgery import remove_layers
 
 LLAMA_3_1_70B = dict(
@@ -134,7 +135,7 @@ def dry_run(
     ]
     n_mat = n_layers * len(spec.linear_names)
     # what the configured criterion collects: IGIA only for IGIA criteria or merge masks
-    needs_igia = get_criterion(gp.effective_criterion).source == "igia" or n_merge > 0
+    needs_igia = "igia" in required(get_criterion(gp.effective_criterion), n_merge)
     if not needs_igia:  # hidden-state sums (a few KiB) or nothing; each step: the finite check only
         igia, obs_colls, obs_bytes = 0, 1, 8
     elif mode == "full":

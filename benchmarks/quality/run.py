@@ -4,11 +4,13 @@ For the real SmolLM2-135M-Instruct and any task file (BIG-bench JSON or PIQA, vi
 
 1. deterministic split (``split_task(seed=0)``, test capped at ``--test``);
 2. the observation WINDOW: ``--window`` full fine-tuning steps of the dense model (AdamW, constant lr,
-   fixed data order), observed by one GradPruner (IGIA, full gradients) and one ActivationCollector
-   (block spans 1 and every budget). The window is shared by every arm, so every arm starts pruning
-   from the identical model, optimizer state and statistics; it is cached in ``<out>/window.pt``;
+   fixed data order), observed by one probe GradPruner per statistic (IGIA with full gradients, layer
+   gates, hidden states for span 1 and for each budget's block). The window is shared by every arm, so
+   every arm starts pruning from the identical model, optimizer state and statistics; the probes'
+   ``state_dict()`` statistics are cached in ``<out>/window.pt``;
 3. per ARM: a copy of the window state -> a GradPruner with the arm's criterion / budget / merge
-   settings whose statistics are the shared ones -> ``prune()`` (plan, merge, surgery, optimizer carried)
+   settings -> ``load_state_dict`` of its own state with the window's statistics and step counts ->
+   ``maybe_prune()`` (plan, merge, surgery, optimizer carried)
    -> ``--retune`` more steps on the same batches for every arm -> test accuracy (log-likelihood,
    ``evaluate_choices``). The dense arm does the same re-tuning without pruning;
 4. one JSON per arm in ``<out>/arms/`` (arms already there are skipped: the run is resumable), then
@@ -44,8 +46,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from gradpruner_ds.activations import ActivationCollector  # noqa: E402
+from gradpruner_ds.arch import decoder_layers, get_arch, layer_linears, linear_weight  # noqa: E402
 from gradpruner_ds.config import GradPrunerConfig  # noqa: E402
+from gradpruner_ds.core.igia import IGIAAccumulator  # noqa: E402
+from gradpruner_ds.core.plan import select_layers  # noqa: E402
 from gradpruner_ds.core.scoring import CRITERIA, ScoreContext, layer_scores, partial_table  # noqa: E402
 from gradpruner_ds.pruner import GradPruner  # noqa: E402
 from launch.models import load_smollm2  # noqa: E402
@@ -111,12 +115,12 @@ def make_batches(
 
 
 def step(
-    model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], pruner=None
+    model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], pruners=()
 ) -> float:
     loss = model(**batch).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    if pruner is not None:
+    for pruner in pruners:
         pruner.observe()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -128,63 +132,89 @@ def new_opt(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
 
 
 # ---- window -------------------------------------------------------------------------------------------
-def run_window(args: argparse.Namespace, model: Any, batches: list, spans: list[int]) -> dict[str, Any]:
-    """Train the window, return {model, opt, igia, act_table, act_spans, losses, diag}."""
-    cfg = GradPrunerConfig.from_dict(
-        {"window_steps": args.window, "num_drop": 1, "criterion": "igia_sum", "progress_bar": False}
-    )
+def stat_key(name: str, state: dict[str, Any]) -> str:
+    """Which window statistic an arm's statistic is: its name, and its block spans for hidden states."""
+    spans = state.get("spans")
+    return name if spans is None else f"{name}@{','.join(str(int(s)) for s in spans)}"
+
+
+def probe_blocks(args: argparse.Namespace, budgets: list[float]) -> list[dict[str, Any]]:
+    """GradPruner blocks whose statistics together cover every arm: IGIA (full gradients), the layer gates,
+    the hidden states of single layers and of each budget's block."""
+    base = {"window_steps": args.window, "progress_bar": False, "observe_only": True}
+    blocks = [
+        {**base, "num_drop": 1, "criterion": "igia_sum"},
+        {**base, "num_drop": 1, "criterion": "gate_fisher"},
+        {**base, "num_drop": 1, "criterion": "shortgpt_bi"},
+    ]
+    blocks += [{**base, "prune_ratio": b, "criterion": "angular"} for b in budgets]
+    return blocks
+
+
+def run_window(args: argparse.Namespace, model: Any, batches: list, budgets: list[float]) -> dict[str, Any]:
+    """Train the window, observed by the probe pruners; return {model, opt, statistics, losses, diag}
+    (``statistics``: every probe's ``state_dict()`` statistics, by :func:`stat_key`)."""
     model.train()
     opt = new_opt(model, args.lr)
-    pruner = GradPruner(model, cfg, total_steps=args.window + args.retune)
-    collector = ActivationCollector(model, spans, gate_grads=True)
+    total = args.window + args.retune
+    probes = {
+        b["criterion"] + str(b.get("prune_ratio", "")): GradPruner(
+            model, GradPrunerConfig.from_dict(b), total_steps=total
+        )
+        for b in probe_blocks(args, budgets)
+    }
     losses = []
     for i in range(args.window):
         t0 = time.perf_counter()
-        losses.append(step(model, opt, batches[i], pruner))
+        losses.append(step(model, opt, batches[i], probes.values()))
         print(f"  window step {i}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.1f}s)", flush=True)
-    collector.remove()
-    assert pruner.acc is not None
-    diag = diagnose(model, pruner, batches[args.window % len(batches)])
-    L = pruner.num_layers
+    statistics: dict[str, Any] = {}
+    for probe in probes.values():
+        for name, state in probe.state_dict()["statistics"].items():
+            if state is not None and name != "recovery":
+                statistics.setdefault(stat_key(name, state), state)
+    diag = diagnose(model, statistics["igia"], batches[args.window % len(batches)])
     for crit in ("shortgpt_bi", "gate_fisher"):
-        ctx = ScoreContext(L, pruner.spec.residual_writers, budget=1, spans=collector.spans)
-        diag[crit] = layer_scores(collector.table(), pruner.keys, crit, ctx)
+        diag[crit] = probes[crit].compute_scores()
+    for probe in probes.values():
+        probe.maybe_prune()  # observe_only: plans (unused), removes the hooks, changes nothing
     return {
         "model": model.state_dict(),
         "opt": opt.state_dict(),
-        "igia": pruner.acc.state_dict(),
-        "act_table": collector.table(),
-        "act_spans": list(collector.spans),
+        "statistics": statistics,
         "losses": losses,
         "diag": diag,
     }
 
 
-def diagnose(model: Any, pruner: GradPruner, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Per-layer numbers behind the raw IGIA sum: gradient vs weight vs residual-stream scale."""
-    assert pruner.acc is not None
-    weights = {k: p.detach() for k, p in pruner.weights.items()}
-    table = partial_table(pruner.acc, "obd", weights)
-    wsq = torch.zeros(len(pruner.keys), dtype=torch.float64)
-    for i, k in enumerate(pruner.keys):
+def diagnose(model: Any, igia_state: dict[str, Any], batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Per-layer numbers behind the raw IGIA sum: gradient vs weight vs residual-stream scale (from the
+    window's IGIA state and the model's weights)."""
+    acc = IGIAAccumulator(keys=[(int(k[0]), str(k[1])) for k in igia_state["keys"]], mode=igia_state["mode"])
+    acc.load_state_dict(igia_state)
+    keys = acc.keys
+    spec = get_arch(model)
+    layers = decoder_layers(model)
+    weights = {(i, n): linear_weight(layer_linears(layers[i], spec)[n]).detach() for i, n in keys}
+    table = partial_table(acc, "obd", weights)
+    wsq = torch.zeros(len(keys), dtype=torch.float64)
+    for i, k in enumerate(keys):
         wsq[i] = weights[k].double().square().sum()
     table[-1] = wsq
-    L = pruner.num_layers
-    ctx = ScoreContext(L, pruner.spec.residual_writers)
+    L = len(layers)
+    ctx = ScoreContext(L, spec.residual_writers)
     out: dict[str, Any] = {}
     for crit in ("igia_sum", "igia_norm_sum", "igia_relative", "obd", "obd_residual"):
-        out[crit] = layer_scores(table, pruner.keys, crit, ctx)
+        out[crit] = layer_scores(table, keys, crit, ctx)
     steps = table[:-2]
     per_mat = steps.sum(0) / steps.shape[0]
-    names = list(pruner.spec.linear_names)
-    out["igia_by_sublayer"] = {
-        n: [float(per_mat[i]) for i, k in enumerate(pruner.keys) if k[1] == n] for n in names
-    }
+    names = list(spec.linear_names)
+    out["igia_by_sublayer"] = {n: [float(per_mat[i]) for i, k in enumerate(keys) if k[1] == n] for n in names}
     out["weight_sq_by_layer"] = [
-        float(sum(wsq[i] for i, k in enumerate(pruner.keys) if k[0] == j)) for j in range(L)
+        float(sum(wsq[i] for i, k in enumerate(keys) if k[0] == j)) for j in range(L)
     ]
     out["igia_step0_by_layer"] = [
-        float(sum(steps[0, i] for i, k in enumerate(pruner.keys) if k[0] == j)) for j in range(L)
+        float(sum(steps[0, i] for i, k in enumerate(keys) if k[0] == j)) for j in range(L)
     ]
     # residual stream: |h_l| and |dL/dh_l| on one batch (h_l = input of layer l)
     model.train()
@@ -216,14 +246,33 @@ def lora_probe_igia(args: argparse.Namespace, base: Any, batches: list) -> dict[
     )
     model.train()
     cfg = GradPrunerConfig.from_dict(
-        {"window_steps": args.window, "num_drop": 1, "mode": "lora", "progress_bar": False}
+        {
+            "window_steps": args.window,
+            "num_drop": 1,
+            "criterion": "igia_sum",
+            "mode": "lora",
+            "progress_bar": False,
+        }
     )
     pruner = GradPruner(model, cfg, total_steps=args.window + args.retune)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lora_lr)
     for i in range(args.window):
-        step(model, opt, batches[i], pruner)
-    assert pruner.acc is not None
-    return pruner.acc.state_dict()
+        step(model, opt, batches[i], [pruner])
+    return pruner.state_dict()["statistics"]["igia"]
+
+
+def lora_probe_plan(win: dict[str, Any], crit: str, budget: float, num_layers: int, spec: Any) -> tuple:
+    """(removed layers, scores) of ``crit`` from the LoRA probe's IGIA at ``budget``: the plan the arm's full
+    fine-tune is given through ``layers_to_remove``."""
+    state = win["lora_igia"]
+    acc = IGIAAccumulator(keys=[(int(k[0]), str(k[1])) for k in state["keys"]], mode="lora")
+    acc.load_state_dict(state)
+    scores = layer_scores(
+        partial_table(acc, crit), acc.keys, crit, ScoreContext(num_layers, spec.residual_writers)
+    )
+    num_drop, _ = GradPrunerConfig.from_dict({"prune_ratio": budget}).resolve_budget(num_layers)
+    dropped, _ = select_layers(scores, num_drop, 0, GradPrunerConfig().protect_layers)
+    return dropped, scores
 
 
 # ---- arms ---------------------------------------------------------------------------------------------
@@ -259,6 +308,23 @@ def plan_key(removed: list[int], n_merge: int, order: int) -> tuple | None:
     return None if n_merge else (tuple(sorted(removed)), order)
 
 
+def window_pruner(
+    model: Any, block: dict[str, Any], args: argparse.Namespace, win: dict[str, Any], seed: int = 0
+) -> GradPruner:
+    """A GradPruner with ``block``'s settings on ``model`` (the window's model) that has observed the shared
+    window: its own ``state_dict()`` with the window's step counts and statistics, loaded back."""
+    pruner = GradPruner(
+        model, GradPrunerConfig.from_dict(block), total_steps=args.window + args.retune, seed=seed
+    )
+    state = pruner.state_dict()
+    state.update(steps_seen=args.window, observed_steps=args.window, skipped_steps=0)
+    for name, own in state["statistics"].items():
+        if own is not None and name != "recovery":
+            state["statistics"][name] = copy.deepcopy(win["statistics"][stat_key(name, own)])
+    pruner.load_state_dict(state)
+    return pruner
+
+
 def run_arm(
     arm: str,
     args: argparse.Namespace,
@@ -287,36 +353,25 @@ def run_arm(
         if crit not in CRITERIA:
             raise SystemExit(f"unknown criterion {crit!r}; registered: {sorted(CRITERIA)}")
         n_merge = int(m["merge"] or 0)
-        cfg = GradPrunerConfig.from_dict(
-            {
-                "window_steps": args.window,
-                "prune_ratio": budget,
-                "num_merge": n_merge,
-                "criterion": crit,
-                "sign_consistent": m["rule"] != "-nosign",
-                "merge_rule": "laco" if m["rule"] == "-laco" else "gradpruner",
-                "progress_bar": False,
-            }
-        )
-        pruner = GradPruner(model, cfg, total_steps=args.window + args.retune, seed=int(m["seed"] or 0))
-        # the shared window's statistics (identical for every arm)
-        assert pruner.acc is not None
-        if m["lora"]:  # scores (and merge masks) from the LoRA probe's simulated gradients
-            from gradpruner_ds.core.igia import IGIAAccumulator
-
-            lora_acc = IGIAAccumulator(keys=pruner.keys, mode="lora")
-            lora_acc.load_state_dict(copy.deepcopy(win["lora_igia"]))
-            pruner.acc = lora_acc
-        else:
-            pruner.acc.load_state_dict(copy.deepcopy(win["igia"]))
-        if pruner.collector is not None:
-            pruner.collector.remove()
-            shared = ActivationCollector(model, win["act_spans"])
-            shared.remove()
-            shared._table = win["act_table"].clone()
-            pruner.collector = shared
-        pruner.steps_seen = args.window
-        opt, _ = pruner.prune(opt)
+        block = {
+            "window_steps": args.window,
+            "prune_ratio": budget,
+            "num_merge": n_merge,
+            "criterion": crit,
+            "sign_consistent": m["rule"] != "-nosign",
+            "merge_rule": "laco" if m["rule"] == "-laco" else "gradpruner",
+            "progress_bar": False,
+        }
+        lora_scores = None
+        if m["lora"]:  # the plan from the LoRA probe's simulated gradients, given to the full fine-tune
+            if n_merge:
+                raise SystemExit(f"{arm}: LoRA-probe arms with a merge are not supported")
+            removed, lora_scores = lora_probe_plan(
+                win, crit, budget, len(decoder_layers(model)), get_arch(model)
+            )
+            block = {"window_steps": args.window, "layers_to_remove": removed, "progress_bar": False}
+        pruner = window_pruner(model, block, args, win, seed=int(m["seed"] or 0))
+        opt, _ = pruner.maybe_prune(opt)
         plan = pruner.plan
         assert plan is not None
         key = plan_key(list(plan.removed), n_merge, data_order(arm))
@@ -336,7 +391,7 @@ def run_arm(
             removed=list(plan.removed),
             dropped=list(plan.dropped),
             merged=list(plan.merged),
-            scores=list(plan.scores),
+            scores=list(plan.scores) if lora_scores is None else list(lora_scores),
             kept_layers=len(plan.kept),
         )
     t_prune = time.perf_counter() - t0
@@ -445,7 +500,6 @@ def main(argv: list[str] | None = None) -> None:
     split = split_task(load_task(args.task), seed=0, max_test=args.test)
     batches = make_batches(tok, split, args.window + args.retune, args.batch, args.max_length)
     L = base.config.num_hidden_layers
-    spans = sorted({1} | {round(b * L) for b in budgets})
     wpath = (Path(args.cache) if args.cache else out) / "window.pt"
     wpath.parent.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -453,9 +507,9 @@ def main(argv: list[str] | None = None) -> None:
         "batch": args.batch,
         "lr": args.lr,
         "max_length": args.max_length,
-        "spans": spans,
+        "budgets": budgets,
         "task": str(args.task),
-        "gate_grads": True,
+        "statistics": "probes-v1",
     }
     win = None
     if wpath.exists():
@@ -466,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     if win is None:
         t0 = time.perf_counter()
         model = copy.deepcopy(base)
-        win = run_window(args, model, batches, spans)
+        win = run_window(args, model, batches, budgets)
         win["meta"] = meta
         win["seconds"] = time.perf_counter() - t0
         del model

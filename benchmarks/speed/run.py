@@ -43,6 +43,15 @@ import torch  # noqa: E402
 from helpers.ranks import free_port, run_ranks  # noqa: E402
 
 
+def bootstrap_median_ci(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the median of ``values`` (percentile method, fixed seed)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.tensor(values, dtype=torch.float64)
+    idx = torch.randint(0, len(values), (reps, len(values)), generator=g)
+    meds = x[idx].median(dim=1).values.sort().values
+    return float(meds[int(0.025 * reps)]), float(meds[int(0.975 * reps) - 1])
+
+
 def model_config(args: argparse.Namespace):
     from transformers import LlamaConfig
 
@@ -211,17 +220,18 @@ def bench_rank(rank: int, world: int, name: str, args: argparse.Namespace, workd
 
     pruner.observe = counted_observe
     hook_time: list[float] = []
-    collector = getattr(pruner, "collector", None)
-    if collector is not None:  # the activation criteria's forward hooks: time their bodies too
-        inner = collector._observe
+    for stat in pruner.statistics.values():  # instrumentation: time the bodies of the layer hooks too
+        inner = getattr(stat, "_layer", None)
+        if inner is None:
+            continue
 
-        def timed_hook(*a: Any) -> None:
+        def timed_hook(*a: Any, inner=inner) -> None:
             t = time.perf_counter()
             inner(*a)
             sync(args)
             hook_time.append(time.perf_counter() - t)
 
-        collector._observe = timed_hook
+        stat._layer = timed_hook  # type: ignore[attr-defined]
     # plain and observed steps interleaved (plain = the same step with GradPruner paused: no hooks, no
     # observe()), so machine noise hits both alike; the ratio of each adjacent pair is kept
     plain: list[float] = []
@@ -232,13 +242,22 @@ def bench_rank(rank: int, world: int, name: str, args: argparse.Namespace, workd
         observed += run.steps(2 + 2 * i, 1, rank, pruner)
     pair_ratios = sorted(o / p for o, p in zip(observed, plain, strict=True))
     if args.overhead_only:
+        # observe() (a no-op in the paused steps) and the hook bodies (observed steps only), per observed step
+        own = (sum(obs_time) + sum(hook_time)) / n
+        lo, hi = bootstrap_median_ci(pair_ratios)
         return {
             "plain_step_s": statistics.median(plain),
             "observed_step_s": statistics.median(observed),
             "pair_ratio_median": statistics.median(pair_ratios),
             "pair_ratio_q1": pair_ratios[len(pair_ratios) // 4],
             "pair_ratio_q3": pair_ratios[(3 * len(pair_ratios)) // 4],
-            "igia_collected": pruner.acc is not None,
+            "pair_ratio_median_ci95": [lo, hi],
+            "own_code_s_per_step": own,
+            "own_code_over_plain_step": own / statistics.median(plain),
+            "observe_s_per_step": sum(obs_time) / n,
+            "hooks_s_per_step": sum(hook_time) / n,
+            "igia_collected": "igia" in pruner.statistics,
+            "statistics": sorted(pruner.statistics),
         }
     release_memory()
     rss_before, live_before, gpu_before = rss_bytes(), live_tensor_bytes(), gpu_bytes(args)
@@ -431,11 +450,14 @@ def main() -> None:
         json.dumps({"args": meta, "results": results, "wall_s": time.perf_counter() - wall0}, indent=2)
     )
     if args.overhead_only:
-        print("| engine | IGIA collected | observed/plain step: median of interleaved pairs [q1, q3] |")
-        print("|---|---|---|")
+        print("| engine | statistics | observed/plain step: median of interleaved pairs [q1, q3] (95% CI of "
+              "the median) | GradPruner's own code / plain step (observe() + hooks) |")  # fmt: skip
+        print("|---|---|---|---|")
         for name, r in results.items():
-            print(f"| {name} | {r['igia_collected']} | {r['pair_ratio_median']:.3f} "
-                  f"[{r['pair_ratio_q1']:.3f}, {r['pair_ratio_q3']:.3f}] |")  # fmt: skip
+            lo, hi = r["pair_ratio_median_ci95"]
+            print(f"| {name} | {', '.join(r['statistics']) or 'none'} | {r['pair_ratio_median']:.3f} "
+                  f"[{r['pair_ratio_q1']:.3f}, {r['pair_ratio_q3']:.3f}] ({lo:.3f}-{hi:.3f}) "
+                  f"| {r['own_code_over_plain_step']:.4f} |")  # fmt: skip
         print(f"wall time {time.perf_counter() - wall0:.0f} s; JSON: {args.out}")
         return
     print(

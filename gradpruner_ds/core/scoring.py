@@ -29,16 +29,18 @@ class Criterion:
 
     name: str
     doc: str
-    needs_saliency: bool
-    needs_weight_norm: bool
     fn: Callable[[torch.Tensor, Sequence[Key], ScoreContext], torch.Tensor]
-    source: str = "igia"
-    """What the table is made of: "igia" (gradient statistics, table above), "activation" (hidden-state
-    statistics from :class:`gradpruner_ds.activations.ActivationCollector`) or "static" (no data)."""
+    reads: tuple[str, ...] = ("igia",)
+    """The statistics it reads (``gradpruner_ds.statistics``): "igia" (gradient statistics, the table
+    above), "hidden_states" (block similarity sums), "layer_gates" (layer-gate gradients); () for criteria
+    that need no data. Only these are collected (plus IGIA for the masks of a merge). ``fn`` receives the
+    global table of its one statistic (an empty table when it reads none)."""
+    needs_saliency: bool = False
+    """IGIA option: the table's saliency row ``sum(F_W * W**2)`` is filled."""
+    needs_weight_norm: bool = False
+    """IGIA option: the table's weight-scale row ``sum(W**2)`` is filled."""
     spans: Callable[[int], tuple[int, ...]] | None = None
-    """For "activation" criteria: the block lengths to collect, given the budget (layers removed)."""
-    gate_grads: bool = False
-    """For "activation" criteria: also collect the layer-gate gradients (gradient hooks)."""
+    """"hidden_states" option: the block lengths to collect, given the budget (layers removed)."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class ScoreContext:
     budget: int = 0
     """Layers removed in total (dropped + merged); read by block criteria ('angular')."""
     spans: tuple[int, ...] = ()
-    """Block lengths of an activation table, in its row order (see ``gradpruner_ds.activations``)."""
+    """Block lengths of a hidden-state table, in its row order (``gradpruner_ds.statistics.hidden_states``)."""
     seed: int = 0
     """Seed of the 'random' criterion (identical on every rank)."""
     given: tuple[int, ...] = ()
@@ -62,7 +64,9 @@ CRITERIA: dict[str, Criterion] = {}
 
 def _register(name: str, doc: str, needs_saliency: bool = False, needs_weight_norm: bool = False):
     def wrap(fn: Callable[[torch.Tensor, Sequence[Key], ScoreContext], torch.Tensor]):
-        CRITERIA[name] = Criterion(name, doc, needs_saliency, needs_weight_norm, fn)
+        CRITERIA[name] = Criterion(
+            name, doc, fn, reads=("igia",), needs_saliency=needs_saliency, needs_weight_norm=needs_weight_norm
+        )
         return fn
 
     return wrap
@@ -171,22 +175,20 @@ def layer_scores(table: torch.Tensor, keys: Sequence[Key], criterion: str, ctx: 
 
 
 # ---- criteria that do not read IGIA --------------------------------------------------------------
-# "activation" criteria read the table of gradpruner_ds.activations.ActivationCollector (rows 2i / 2i+1:
-# sums of (1 - cos) / arccos(cos)/pi of the block of length ctx.spans[i] starting at each layer; rows -4,
-# -3, -2: layer-gate sums of s**2, s and the sequence count; last row: token counts); "static" criteria read no table at all (it may be empty).
+# "hidden_states" criteria read the table of gradpruner_ds.statistics.HiddenStateStatistic (rows 2i / 2i+1:
+# sums of (1 - cos) / arccos(cos)/pi of the block of length ctx.spans[i] starting at each layer; last row:
+# token counts); "layer_gates" criteria the table of LayerGateStatistic (rows: sums of s**2, of s, the
+# sequence count); criteria that read nothing get an empty table.
 
 
 def _register_other(
     name: str,
     doc: str,
-    source: str,
+    reads: tuple[str, ...],
     spans: Callable[[int], tuple[int, ...]] | None = None,
-    gate_grads: bool = False,
 ) -> Callable[[Callable[[torch.Tensor, Sequence[Key], ScoreContext], torch.Tensor]], Any]:
     def wrap(fn: Callable[[torch.Tensor, Sequence[Key], ScoreContext], torch.Tensor]):
-        CRITERIA[name] = Criterion(
-            name, doc, False, False, fn, source=source, spans=spans, gate_grads=gate_grads
-        )
+        CRITERIA[name] = Criterion(name, doc, fn, reads=reads, spans=spans)
         return fn
 
     return wrap
@@ -195,7 +197,7 @@ def _register_other(
 def _span_means(table: torch.Tensor, ctx: ScoreContext, span: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (1 - cos) and mean angular distance of the blocks of length ``span`` (by start layer)."""
     if span not in ctx.spans:
-        raise AssertionError(f"activation table lacks span {span} (has {ctx.spans})")
+        raise AssertionError(f"hidden-state table lacks span {span} (has {ctx.spans})")
     i = ctx.spans.index(span)
     count = table[-1].double().clamp_min(1.0)
     return table[2 * i].double() / count, table[2 * i + 1].double() / count
@@ -209,12 +211,10 @@ def _span_means(table: torch.Tensor, ctx: ScoreContext, span: int) -> tuple[torc
     "(x 1/2) the second-order estimate of the loss increase of setting a_l = 0 (removing the layer). "
     "Unlike the IGIA sums it is invariant to the residual-stream scale (dL/dh ~ 1/|h| is multiplied by "
     "the update, which grows with |h|). Needs forward + gradient hooks during the window.",
-    source="activation",
-    spans=lambda budget: (1,),
-    gate_grads=True,
+    reads=("layer_gates",),
 )
 def _gate_fisher(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) -> torch.Tensor:
-    return (table[-4].double() / table[-2].double().clamp_min(1.0))[: ctx.num_layers]
+    return (table[0].double() / table[2].double().clamp_min(1.0))[: ctx.num_layers]
 
 
 @_register_other(
@@ -222,7 +222,7 @@ def _gate_fisher(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) ->
     "ShortGPT block influence (Men et al. 2024): BI_j = mean over tokens of 1 - cos(h_j, h_{j+1}), the "
     "hidden state entering and leaving layer j. Low BI = the layer barely changes the residual stream "
     "= pruned first. Needs forward hooks during the window (no gradients).",
-    source="activation",
+    reads=("hidden_states",),
     spans=lambda budget: (1,),
 )
 def _shortgpt_bi(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) -> torch.Tensor:
@@ -236,7 +236,7 @@ def _shortgpt_bi(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) ->
     "the block [l*, l*+n) with the smallest d is removed. Score of layer j: d(l*) inside that block, "
     "otherwise the smallest d of any block containing j (kept strictly above d(l*)). Mean over all "
     "tokens (Gromov et al. used the last token only).",
-    source="activation",
+    reads=("hidden_states",),
     spans=lambda budget: (max(1, budget),),
 )
 def _angular(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) -> torch.Tensor:
@@ -260,7 +260,7 @@ def _angular(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) -> tor
     "reverse",
     "Reverse order (the ShortGPT paper's baseline): S_j = L - j, so the last n layers (the final one "
     "included) are removed. Needs no data.",
-    source="static",
+    reads=(),
 )
 def _reverse(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) -> torch.Tensor:
     return torch.arange(ctx.num_layers, 0, -1, dtype=torch.float64)
@@ -271,7 +271,7 @@ def _reverse(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) -> tor
     "Last layers before the final one (Lu et al., 'Reassessing Layer Pruning in LLMs', ICLR 2026: a "
     "simple rule that beat most importance scores): S_j = L - j for j < L - 1 and S_{L-1} = L + 1, so the "
     "n layers just below the final layer are removed and the final layer is kept. Needs no data.",
-    source="static",
+    reads=(),
 )
 def _last_layers(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) -> torch.Tensor:
     scores = torch.arange(ctx.num_layers, 0, -1, dtype=torch.float64)
@@ -283,7 +283,7 @@ def _last_layers(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) ->
     "given",
     "A plan given by hand (config 'layers_to_remove'): S_j = 0 for the listed layers, 1 for the others. "
     "Set through 'layers_to_remove', not as a criterion name.",
-    source="static",
+    reads=(),
 )
 def _given(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) -> torch.Tensor:
     scores = torch.ones(ctx.num_layers, dtype=torch.float64)
@@ -296,7 +296,7 @@ def _given(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) -> torch
     "random",
     "Random layers: S = a random permutation of 1..L drawn from torch.Generator seeded with the "
     "ScoreContext seed (GradPruner(seed=...)); identical on every rank. A baseline, not a method.",
-    source="static",
+    reads=(),
 )
 def _random(table: torch.Tensor, keys: Sequence[Key], ctx: ScoreContext) -> torch.Tensor:
     gen = torch.Generator().manual_seed(int(ctx.seed))

@@ -191,7 +191,7 @@ def deepspeed_run(
         torch.distributed.all_reduce(total)
         if instrument and pruner.ready:
             out["bytes_before"] = live_tensor_bytes()
-            out["igia_bytes"] = sum(v.numel() * v.element_size() for v in pruner.acc.sum_sq.values())
+            out["igia_bytes"] = pruner.igia.nbytes()
             old_ref = weakref.ref(engine)
         engine, sched = pruner.maybe_prune(engine, sched)
         if instrument and "bytes_before" in out and "bytes_after" not in out:

@@ -10,12 +10,13 @@ import pytest
 import torch
 from helpers.tiny import VOCAB, batches, tiny_llama
 
-from gradpruner_ds.activations import ActivationCollector, pair_stats
 from gradpruner_ds.config import GradPrunerConfig
 from gradpruner_ds.core.plan import select_layers
 from gradpruner_ds.core.scoring import CRITERIA, ScoreContext, layer_scores
 from gradpruner_ds.errors import GradPrunerError
 from gradpruner_ds.pruner import GradPruner
+from gradpruner_ds.statistics import HiddenStateStatistic, LayerGateStatistic
+from gradpruner_ds.statistics.hidden_states import pair_stats
 
 
 def test_pair_stats_known_cosines():
@@ -73,9 +74,9 @@ def test_reverse_and_random():
 
 
 def test_registered_sources():
-    assert CRITERIA["igia_sum"].source == "igia"
-    assert CRITERIA["shortgpt_bi"].source == "activation" and CRITERIA["angular"].source == "activation"
-    assert CRITERIA["reverse"].source == "static" and CRITERIA["random"].source == "static"
+    assert CRITERIA["igia_sum"].reads == ("igia",)
+    assert CRITERIA["shortgpt_bi"].reads == ("hidden_states",) and CRITERIA["angular"].reads == ("hidden_states",)
+    assert CRITERIA["reverse"].reads == () and CRITERIA["random"].reads == ()
     assert CRITERIA["angular"].spans is not None and CRITERIA["angular"].spans(3) == (3,)
 
 
@@ -91,15 +92,15 @@ def _padded_batch(seed: int = 0):
 def test_collector_matches_hidden_states_and_ignores_padding():
     model = tiny_llama(4)
     model.train()
-    col = ActivationCollector(model, spans=(1, 2))
+    col = HiddenStateStatistic(model, spans=(1, 2))
     ids, mask = _padded_batch()
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    assert col.table().abs().sum().item() == 0.0  # pending until the step is committed
-    col.commit(True)
+    assert col.partial_table().abs().sum().item() == 0.0  # pending until the step is committed
+    col.update(True)
     hs = out.hidden_states  # hs[l] = input of layer l for l < 4 (hs[4] is after the final norm)
-    table = col.table()
-    col.remove()
+    table = col.partial_table()
+    col.close()
     n = float(mask.sum())
     assert table[-1].tolist() == [n] * 4
     for layer in range(3):  # span 1 blocks whose output is an un-normed hidden state
@@ -117,32 +118,32 @@ def test_collector_tables_of_two_shards_add_up_to_the_whole_batch():
     model = tiny_llama(4)
     model.train()
     ids, mask = _padded_batch(1)
-    whole = ActivationCollector(model, spans=(1, 3))
+    whole = HiddenStateStatistic(model, spans=(1, 3))
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
-    whole.commit(True)
-    t_whole = whole.table()
-    whole.remove()
+    whole.update(True)
+    t_whole = whole.partial_table()
+    whole.close()
     parts = []
     for sl in (slice(0, 2), slice(2, 4)):
-        col = ActivationCollector(model, spans=(1, 3))
+        col = HiddenStateStatistic(model, spans=(1, 3))
         with torch.no_grad():
             model(input_ids=ids[sl], attention_mask=mask[sl])
-        col.commit(True)
-        parts.append(col.table())
-        col.remove()
+        col.update(True)
+        parts.append(col.partial_table())
+        col.close()
     torch.testing.assert_close(parts[0] + parts[1], t_whole, rtol=1e-5, atol=1e-6)
 
 
 def test_collector_skips_eval_forwards_and_removes_its_hooks():
     model = tiny_llama(3)
-    col = ActivationCollector(model, spans=(1,))
+    col = HiddenStateStatistic(model, spans=(1,))
     model.eval()
     with torch.no_grad():
         model(input_ids=torch.zeros(1, 4, dtype=torch.long))
-    col.commit(True)
-    assert col.table().abs().sum().item() == 0.0
-    col.remove()
+    col.update(True)
+    assert col.partial_table().abs().sum().item() == 0.0
+    col.close()
     assert all(not layer._forward_hooks for layer in model.model.layers)
     assert not model._forward_pre_hooks
 
@@ -171,7 +172,7 @@ def test_pruner_with_non_igia_criteria(tmp_path, criterion):
         opt, _ = pruner.maybe_prune(opt)
     assert pruner.plan is not None and len(pruner.plan.removed) == 2
     assert model.config.num_hidden_layers == 4
-    assert pruner.collector is None
+    assert pruner.statistics == {}
     assert all(not layer._forward_hooks for layer in model.model.layers)
     assert not model._forward_pre_hooks and not model._forward_hooks
     if criterion == "reverse":
@@ -182,12 +183,10 @@ def test_pruner_with_non_igia_criteria(tmp_path, criterion):
 
 def test_gate_fisher_is_the_mean_squared_gate_gradient():
     # 2 layers; per-sequence gate gradients: layer 0: (1, -3) -> mean s^2 = 5 ; layer 1: (0.5, 0.5) -> 0.25
-    table = torch.tensor(
-        [[0.0, 0.0], [0.0, 0.0], [10.0, 0.5], [-2.0, 1.0], [2.0, 2.0], [7.0, 7.0]], dtype=torch.float64
-    )
-    scores = layer_scores(table, [], "gate_fisher", _ctx(2, spans=(1,)))
+    table = torch.tensor([[10.0, 0.5], [-2.0, 1.0], [2.0, 2.0]], dtype=torch.float64)
+    scores = layer_scores(table, [], "gate_fisher", _ctx(2))
     assert scores == pytest.approx([5.0, 0.25])
-    assert CRITERIA["gate_fisher"].gate_grads
+    assert CRITERIA["gate_fisher"].reads == ("layer_gates",)
 
 
 def _sum_loss(model, ids, mask):
@@ -209,24 +208,24 @@ def test_gate_gradients_match_autograd_and_add_up_over_shards():
     tgt = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tgt.reshape(-1), reduction="sum").backward()
     model.zero_grad()
-    whole = ActivationCollector(model, spans=(1,), gate_grads=True)
+    whole = LayerGateStatistic(model)
     _sum_loss(model, ids, mask).backward()
-    whole.commit(True)
-    t_whole = whole.table()
-    whole.remove()
+    whole.update(True)
+    t_whole = whole.partial_table()
+    whole.close()
     model.zero_grad()
     for layer in range(3):  # hs[layer + 1] is layer's output (un-normed) for layer < 3
         s = ((hs[layer + 1].grad * (hs[layer + 1] - hs[layer]).detach()).sum(-1) * mask).sum(-1)
-        assert t_whole[-4, layer].item() == pytest.approx(float(s.square().sum()), rel=1e-4)
-        assert t_whole[-3, layer].item() == pytest.approx(float(s.sum()), rel=1e-4, abs=1e-6)
-    assert t_whole[-2].tolist() == [4.0] * 4
+        assert t_whole[0, layer].item() == pytest.approx(float(s.square().sum()), rel=1e-4)
+        assert t_whole[1, layer].item() == pytest.approx(float(s.sum()), rel=1e-4, abs=1e-6)
+    assert t_whole[2].tolist() == [4.0] * 4
     parts = []
     for sl in (slice(0, 2), slice(2, 4)):
-        col = ActivationCollector(model, spans=(1,), gate_grads=True)
+        col = LayerGateStatistic(model)
         _sum_loss(model, ids[sl], mask[sl]).backward()
-        col.commit(True)
-        parts.append(col.table())
-        col.remove()
+        col.update(True)
+        parts.append(col.partial_table())
+        col.close()
         model.zero_grad()
     torch.testing.assert_close(parts[0] + parts[1], t_whole, rtol=1e-4, atol=1e-6)
 
@@ -279,21 +278,23 @@ def test_collector_ignores_layers_recomputed_in_the_backward():
     ids, mask = _padded_batch(2)
     plain_model = tiny_llama(4)
     plain_model.train()
-    plain = ActivationCollector(plain_model, spans=(1, 3), gate_grads=True)
+    plain = [HiddenStateStatistic(plain_model, spans=(1, 3)), LayerGateStatistic(plain_model)]
     _sum_loss(plain_model, ids, mask).backward()
-    plain.commit(True)
+    for stat in plain:
+        stat.update(True)
     model = tiny_llama(4)
     model.train()
     _checkpoint_inner_model(model, reentrant=False)
     calls: list[int] = []
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_hook(lambda *a, i=i: calls.append(i))
-    col = ActivationCollector(model, spans=(1, 3), gate_grads=True)
+    stats = [HiddenStateStatistic(model, spans=(1, 3)), LayerGateStatistic(model)]
     _sum_loss(model, ids, mask).backward()
     assert calls == [0, 1, 2, 3, 0, 1, 2, 3]  # the forward, then the recompute in the backward
-    col.commit(True)
-    torch.testing.assert_close(col.table(), plain.table(), rtol=1e-6, atol=1e-9)
-    assert col.forwards == 1
+    for stat, ref in zip(stats, plain, strict=True):
+        stat.update(True)
+        torch.testing.assert_close(stat.partial_table(), ref.partial_table(), rtol=1e-6, atol=1e-9)
+        assert stat.forwards == 1
 
 
 def test_gate_fisher_refuses_a_forward_without_layer_gradients():
@@ -303,9 +304,10 @@ def test_gate_fisher_refuses_a_forward_without_layer_gradients():
     model.train()
     _checkpoint_inner_model(model, reentrant=True)
     ids, mask = _padded_batch(2)
-    ActivationCollector(model, spans=(1, 3))  # the hidden-state statistics need no gradients
+    hidden = HiddenStateStatistic(model, spans=(1, 3))  # the hidden-state statistics need no gradients
     model(input_ids=ids, attention_mask=mask)
-    col = ActivationCollector(model, spans=(1,), gate_grads=True)
+    hidden.close()
+    col = LayerGateStatistic(model)
     with pytest.raises(GradPrunerError, match="gradpruner: 'gate_fisher' reads the gradient"):
         model(input_ids=ids, attention_mask=mask)
-    col.remove()
+    col.close()

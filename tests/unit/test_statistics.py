@@ -54,8 +54,8 @@ def test_resume_inside_the_window_gives_the_uninterrupted_plan(tmp_path, criteri
     first = GradPruner(model, _cfg(criterion, num_merge=1 if criterion == "igia_sum" else 0), seed=1)
     _observe(model, first, data[:2], opt)
     save_pruner_state(first, tmp_path / "ck")
-    if first.collector is not None:  # the process that saved is gone: its hooks too
-        first.collector.remove()
+    for stat in first.statistics.values():  # the process that saved is gone: its hooks too
+        stat.close()
     resumed = GradPruner(model, _cfg(criterion, num_merge=1 if criterion == "igia_sum" else 0), seed=1)
     assert load_pruner_state(resumed, tmp_path / "ck") is None
     assert resumed.steps_seen == 2 and resumed.observed_steps == 2
@@ -73,8 +73,8 @@ def test_resume_inside_the_window_gives_the_uninterrupted_plan(tmp_path, criteri
 def test_only_the_statistics_a_criterion_reads_are_collected(criterion, num_merge, igia):
     model = tiny_llama(4)
     p = GradPruner(model, _cfg(criterion, num_merge=num_merge))
-    assert (p.acc is not None) == igia
-    assert (p.collector is not None) == (CRITERIA[criterion].source == "activation")
+    assert ("igia" in p.statistics) == igia
+    assert set(p.statistics) == set(CRITERIA[criterion].reads) | ({"igia"} if igia else set())
 
 
 @pytest.mark.parametrize("criterion", ["shortgpt_bi", "angular", "gate_fisher", "igia_sum"])
@@ -107,7 +107,7 @@ def test_a_non_finite_score_is_an_error_naming_the_layer():
     model = tiny_llama(4)
     p = GradPruner(model, _cfg("shortgpt_bi"))
     _observe(model, p, batches(3))
-    p.collector._table[0, 2] = float("nan")  # what a NaN that slipped through would do
+    p.statistics["hidden_states"]._table[0, 2] = float("nan")  # what a NaN that slipped through would do
     with pytest.raises(GradPrunerError, match=r"non-finite scores of layers \{2: nan\}"):
         p.maybe_prune()
     assert p.plan is None and model.config.num_hidden_layers == 4
@@ -166,7 +166,7 @@ def test_peft_default_lora_with_the_default_criterion_needs_no_adapters_anywhere
         opt.step()
         opt.zero_grad()
         opt, _ = p.maybe_prune(opt)
-    assert p.plan is not None and p.acc is None and p.mode == "none"
+    assert p.plan is not None and p.statistics == {} and p.mode == "none"
 
 
 def test_peft_default_lora_with_an_igia_criterion_scores_the_adapted_sublayers(caplog):
@@ -178,7 +178,7 @@ def test_peft_default_lora_with_an_igia_criterion_scores_the_adapted_sublayers(c
         finally:
             logging.getLogger("gradpruner_ds").propagate = False
     assert p.mode == "lora"
-    assert {name for _, name in p.keys} == {"self_attn.q_proj", "self_attn.v_proj"}
+    assert p.igia is not None and {name for _, name in p.igia.keys} == {"self_attn.q_proj", "self_attn.v_proj"}
     assert any("not scored" in r.getMessage() and "mlp.down_proj" in r.getMessage() for r in caplog.records)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-2)
     _observe(model, p, batches(3), opt)  # peft's B starts at 0: the first step's simulated gradient is 0
