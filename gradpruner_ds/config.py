@@ -125,7 +125,8 @@ class GradPrunerConfig(BaseModel):
         description='In-job recovery by self-distillation: {"distill_steps": K, "temperature": 2.0, "weight": 0.5}. '
         "For K optimizer steps after the prune, pruner.distill(loss, logits, batch) adds KL(teacher || student) "
         "on the same batch, the teacher being a frozen copy of the model just before the prune (no gradients, no "
-        "optimizer state), freed afterwards. One process for now.",
+        "optimizer state) laid out like the student (whole in one process and under ZeRO-1/2, each rank's shards "
+        "under FSDP2), freed afterwards. Refused under ZeRO-3.",
     )
     observe_only: bool = Field(
         False,

@@ -28,7 +28,6 @@ from torch import nn
 
 from gradpruner_ds.arch import ArchSpec, decoder_layers, get_arch, unwrap_model
 from gradpruner_ds.backends.base import Backend, EngineAdapter
-from gradpruner_ds.backends.sharded import ShardedBackend
 from gradpruner_ds.config import GradPrunerConfig
 from gradpruner_ds.core.igia import Key, sq_norms
 from gradpruner_ds.core.merge import keep_count, kth_largest, topk_mask
@@ -98,12 +97,11 @@ class GradPruner:
         if config.enabled and config.output_dir is not None and self.backend.rank == 0:
             check_report_dir(Path(config.output_dir))
         self.distiller: Distiller | None = None
-        if config.recovery is not None and isinstance(self.backend, ShardedBackend):
+        if config.enabled and config.recovery is not None and self.backend.teacher_refused is not None:
             raise user_error(
-                "recovery (in-job distillation) runs in one process for now: a teacher sharded like the student "
-                "under ZeRO / FSDP2 is not implemented",
+                f"recovery (in-job distillation) needs a teacher laid out like the student: {self.backend.teacher_refused}",
                 type(self.backend).__name__,
-                "remove the 'recovery' sub-block for sharded runs",
+                "remove the 'recovery' sub-block, or use one process, DeepSpeed ZeRO-1/2 or FSDP2",
             )
         # last (no hook may outlive a failed check above): the statistics the criterion reads, plus IGIA for
         # the masks of a merge; nothing when disabled
@@ -203,7 +201,10 @@ class GradPruner:
         self.skipped_steps = int(state["skipped_steps"])
         recovery = (state.get("statistics") or {}).get("recovery")
         if recovery is not None and self.config.recovery is not None:  # resumed during the distillation
-            self.distiller = Distiller(self.model, self.config.recovery)  # the dense model, then its weights
+            # the dense model's copy, then the saved teacher weights
+            self.distiller = Distiller(
+                self.model, self.config.recovery, self.backend.make_teacher(self.model)
+            )
             self.distiller.load_state_dict(recovery)
         if state["plan"] is not None:
             plan = PrunePlan.from_dict(state["plan"])
@@ -460,7 +461,9 @@ class GradPruner:
             merge_stats: dict[str, Any] = {"observe_only": True, "merge": []}
         else:
             if self.config.recovery is not None:  # the teacher: the model just before the prune
-                self.distiller = Distiller(self.model, self.config.recovery)
+                self.distiller = Distiller(
+                    self.model, self.config.recovery, self.backend.make_teacher(self.model)
+                )
             merge_stats = self.merge(plan)
             optimizer, lr_scheduler = self._cut(plan, optimizer, lr_scheduler)
             params_after = count_params(self.model, self.backend)

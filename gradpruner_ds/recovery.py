@@ -8,8 +8,12 @@ batch to the task loss:
     loss = (1 - weight) * task_loss + weight * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
 
 averaged over the positions the task loss trains (``labels != -100``, shifted like the causal-LM loss;
-the attention mask when there are no labels). Then the teacher is freed. One process for now: a teacher
-sharded like the student under ZeRO-3 / FSDP2 is not implemented (the pruner refuses ``recovery`` there).
+the attention mask when there are no labels). Then the teacher is freed.
+
+The teacher is laid out like the student (the engine adapter's ``make_teacher``): one process and
+DeepSpeed ZeRO-1/2 keep whole weights (a whole copy), FSDP2 keeps each rank's shard (a copy of the
+``fully_shard``-ed model: each rank holds its rows of the teacher, gathered layer by layer in its forward
+exactly like the student's). ZeRO-3 is refused (its partitioned parameters cannot be copied as modules).
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ from torch import nn
 
 from gradpruner_ds.config import RecoveryConfig
 from gradpruner_ds.diagnostics import release_memory
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a (possibly DTensor) tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def distill_kl(
@@ -41,9 +50,9 @@ def distill_kl(
 class Distiller:
     """The frozen pre-prune teacher and the distillation term for the first ``distill_steps`` steps."""
 
-    def __init__(self, model: nn.Module, config: RecoveryConfig) -> None:
+    def __init__(self, model: nn.Module, config: RecoveryConfig, teacher: nn.Module | None = None) -> None:
         self.config = config
-        self.teacher: nn.Module | None = copy.deepcopy(model)
+        self.teacher: nn.Module | None = copy.deepcopy(model) if teacher is None else teacher
         self.teacher.eval()
         self.teacher.requires_grad_(False)
         self.steps_done = 0
@@ -53,10 +62,10 @@ class Distiller:
         return self.teacher is not None
 
     def teacher_bytes(self) -> int:
-        """Memory the teacher's weights take (what recovery costs until it is freed)."""
+        """Memory the teacher's weights take on this rank (what recovery costs until it is freed)."""
         if self.teacher is None:
             return 0
-        return sum(p.numel() * p.element_size() for p in self.teacher.parameters())
+        return sum(_local(p).numel() * p.element_size() for p in self.teacher.parameters())
 
     def loss(
         self, task_loss: torch.Tensor, student_logits: torch.Tensor, batch: Mapping[str, Any]
@@ -92,7 +101,7 @@ class Distiller:
         teacher = (
             None
             if self.teacher is None
-            else {k: v.detach().clone() for k, v in self.teacher.state_dict().items()}
+            else {k: _local(v).detach().clone() for k, v in self.teacher.state_dict().items()}
         )
         return {"steps_done": self.steps_done, "teacher": teacher}
 
@@ -102,4 +111,7 @@ class Distiller:
             self.teacher = None
             return
         assert self.teacher is not None
-        self.teacher.load_state_dict(state["teacher"])
+        saved = state["teacher"]
+        with torch.no_grad():  # into this rank's pieces (sharded teachers hold their shard only)
+            for k, v in self.teacher.state_dict().items():
+                _local(v).copy_(saved[k])

@@ -36,6 +36,7 @@ class EngineAdapter(Protocol):
     rank: int
     world_size: int
     timeout_s: float | None
+    teacher_refused: str | None
 
     def at_boundary(self) -> bool: ...
     def all_reduce_sum_(self, t: torch.Tensor) -> None: ...
@@ -65,6 +66,7 @@ class EngineAdapter(Protocol):
     ) -> dict[Key, tuple[int, int]]: ...
     def store_weight(self, param: nn.Parameter, local_piece: torch.Tensor) -> None: ...
     def log_events(self, events: Mapping[str, float], step: int) -> None: ...
+    def make_teacher(self, model: nn.Module) -> nn.Module: ...
     def rebuild(
         self, model: nn.Module, removed_params: list[nn.Parameter], optimizer: Any, lr_scheduler: Any
     ) -> tuple[Any, Any]: ...
@@ -80,6 +82,8 @@ class Backend:
     rank: int = 0
     world_size: int = 1
     timeout_s: float | None = None
+    teacher_refused: str | None = None
+    """Why this engine cannot hold a distillation teacher (``recovery``), or None when it can."""
     """Every collective of the pruner is bounded by this (``consensus_timeout_s``; set by check_settings)."""
 
     def at_boundary(self) -> bool:
@@ -184,6 +188,15 @@ class Backend:
 
     def log_events(self, events: Mapping[str, float], step: int) -> None:
         """Send the prune's scalar events to the engine's experiment tracker (none here)."""
+
+    def make_teacher(self, model: nn.Module) -> nn.Module:
+        """A frozen copy of ``model`` as it is now, laid out like it (whole weights here; under FSDP2 each rank
+        copies its shards), for the distillation after the prune (``recovery``)."""
+        import copy
+
+        teacher = copy.deepcopy(model)
+        teacher.requires_grad_(False)
+        return teacher
 
     # ---- continuing after the surgery -------------------------------------------------------------
     def rebuild(

@@ -10,6 +10,11 @@ Where things are (torch 2.13, checked by tests/dist/test_fsdp2.py):
   rank's reduced shard. ``torch.nn.utils.clip_grad_norm_`` works on them (global norm), so the user
   clips before ``observe()`` exactly as in one process.
 
+The distillation teacher (``recovery``) is a second ``fully_shard``-ed copy of the model built the same way
+(same classes, same FSDP units, the same device mesh and mixed-precision policy) on the meta device, then
+filled from each rank's own shards: every rank holds its rows of the teacher, nothing is gathered outside
+the teacher's own forward. FSDP modules cannot be deep-copied, hence the rebuild.
+
 Continuing after the surgery needs no re-sharding: each decoder layer is its own FSDP unit and the kept
 parameters keep their shards, optimizer state included (the optimizer is pruned in place). Only the
 root's lazy-init bookkeeping (the list of FSDP states in its tree) is reset, so the next forward
@@ -19,6 +24,7 @@ re-collects the kept units and the dropped ones are released.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -67,6 +73,11 @@ class FSDP2Backend(ShardedBackend):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        if not hasattr(model, "config") or hasattr(model, "peft_config"):
+            self.teacher_refused = (
+                "under FSDP2 the teacher is rebuilt from the model's class and config, which needs a plain "
+                "transformers model (not peft-wrapped)"
+            )
 
     # ---- this rank's pieces ----------------------------------------------------------------------------
     def _frag(self, p: nn.Parameter) -> tuple[int, int]:
@@ -107,6 +118,45 @@ class FSDP2Backend(ShardedBackend):
 
     def lora_slices(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, tuple[int, int]] | None:
         return {k: self._frag(p) for k, p in params.items()}
+
+    # ---- the distillation teacher ----------------------------------------------------------------------
+    def make_teacher(self, model: nn.Module) -> nn.Module:
+        """A frozen copy of the ``fully_shard``-ed ``model``, sharded like it (module docstring)."""
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if self.teacher_refused is not None:
+            raise AssertionError(self.teacher_refused)  # GradPruner checked this before any work
+
+        def plain_class(m: nn.Module) -> type:
+            cls = type(m)
+            if not isinstance(m, FSDPModule):
+                return cls
+            return next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
+
+        units = {name: m for name, m in model.named_modules() if isinstance(m, FSDPModule)}
+        for unit in units.values():  # the sharded parameters (a forward leaves the root's unsharded)
+            unit.reshard()
+        first = next(p for p in model.parameters())
+        mesh = first.device_mesh  # type: ignore[attr-defined]
+        with torch.device("meta"):
+            teacher = plain_class(model)(copy.deepcopy(model.config))  # type: ignore[call-arg]
+        teacher.to(dtype=first.dtype)
+        t_modules = dict(teacher.named_modules())
+        for name, unit in sorted(units.items(), key=lambda kv: -kv[0].count(".")):  # children before parents
+            t_unit = t_modules[name]
+            if plain_class(unit) is not type(t_unit):
+                raise AssertionError(f"teacher module {name!r} is a {type(t_unit).__name__}")
+            fully_shard(t_unit, mesh=mesh, mp_policy=unit._get_fsdp_state()._mp_policy)
+        teacher.to_empty(device=_local(first).device)
+        t_params = dict(teacher.named_parameters())
+        t_buffers = dict(teacher.named_buffers())
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                _local(t_params[name].data).copy_(_local(p.data))
+            for name, b in model.named_buffers():
+                t_buffers[name].copy_(b)
+        teacher.requires_grad_(False)
+        return teacher
 
     # ---- continuing after the surgery ----------------------------------------------------------------
     def rebuild(

@@ -22,6 +22,11 @@ from gradpruner_ds.core.igia import Key
 class Zero3Backend(DeepSpeedBackend):
     """ZeRO-3 pieces: a parameter's slice is ``[rank * part, rank * part + valid)``."""
 
+    teacher_refused = (
+        "a distillation teacher sharded like the student under ZeRO-3 is not implemented (ZeRO-3's partitioned "
+        "parameters cannot be copied as a module)"
+    )
+
     def _z3_valid(self, p: nn.Parameter) -> int:
         """Entries of ``p.ds_tensor`` that belong to the parameter (the rest is padding)."""
         part = p.ds_tensor.numel()

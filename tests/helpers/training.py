@@ -69,7 +69,8 @@ def single_process_run(
     for micro_batches in global_batches(steps, world, micro, gas):
         total = 0.0
         for b in micro_batches:
-            loss = model(**b).loss / gas
+            res = model(**b)
+            loss = pruner.distill(res.loss, res.logits, b) / gas  # = out.loss without a 'recovery' block
             loss.backward()
             total += loss.item()
         if clip > 0:
@@ -183,7 +184,8 @@ def deepspeed_run(
         total = torch.zeros(1, dtype=torch.float64)
         for b in micro_batches:
             mine = {k: v[rank * micro : (rank + 1) * micro] for k, v in b.items()}
-            loss = engine(**mine).loss
+            res = engine(**mine)
+            loss = pruner.distill(res.loss, res.logits, mine)
             engine.backward(loss)
             total += loss.item() / gas
             pruner.observe()  # a no-op before the accumulation boundary
@@ -260,7 +262,8 @@ def fsdp2_run(
         total = torch.zeros(1, dtype=torch.float64)
         for b in micro_batches:
             mine = {k: v[rank * micro : (rank + 1) * micro] for k, v in b.items()}
-            loss = model(**mine).loss / gas
+            res = model(**mine)
+            loss = pruner.distill(res.loss, res.logits, mine) / gas
             loss.backward()
             total += loss.item()
         if clip > 0:

@@ -28,9 +28,9 @@ def test_distill_kl_matches_an_independent_kl():
     s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
     mask = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
     T = 2.0
-    ref = torch.nn.KLDivLoss(reduction="none")(
-        torch.log_softmax(s / T, -1), torch.softmax(t / T, -1)
-    ).sum(-1)  # KL(teacher || student) per position
+    ref = torch.nn.KLDivLoss(reduction="none")(torch.log_softmax(s / T, -1), torch.softmax(t / T, -1)).sum(
+        -1
+    )  # KL(teacher || student) per position
     expect = ref[mask].mean() * T * T
     assert distill_kl(s, t, mask, T).item() == pytest.approx(expect.item(), rel=1e-6)
 
@@ -105,14 +105,22 @@ def test_resume_during_the_distillation_gives_the_uninterrupted_losses(tmp_path)
     assert losses + rest == pytest.approx(expect, abs=1e-6)
 
 
-def test_recovery_is_refused_where_the_teacher_would_not_be_sharded():
-    from gradpruner_ds.backends.sharded import ShardedBackend
+def test_recovery_is_refused_under_zero3_before_any_work():
+    from gradpruner_ds.backends.zero3 import Zero3Backend
 
-    class TwoRanks(ShardedBackend):
-        rank, world_size = 0, 2
+    class TwoZero3Ranks(Zero3Backend):  # the real adapter's declaration, without an engine
+        def __new__(cls):
+            return object.__new__(cls)
+
+        def __init__(self):
+            self.rank, self.world_size = 0, 2
 
         def check_settings(self, settings, timeout_s):
             self.timeout_s = timeout_s
 
-    with pytest.raises(GradPrunerError, match="recovery .* runs in one process"):
-        GradPruner(tiny_llama(4), _cfg(), total_steps=STEPS, backend=TwoRanks())
+    model = tiny_llama(4)
+    with pytest.raises(
+        GradPrunerError, match="recovery .* needs a teacher laid out like the student: .*ZeRO-3"
+    ):
+        GradPruner(model, _cfg(), total_steps=STEPS, backend=TwoZero3Ranks())
+    assert not any(layer._forward_hooks for layer in model.model.layers)  # refused before any hook

@@ -1,0 +1,112 @@
+"""In-job recovery (self-distillation from the pre-prune model) on real gloo ranks: the teacher is laid out
+like the student (whole under ZeRO-1/2, each rank's shards under FSDP2) and the run equals the
+single-process run of the same computation (plan, merge, every loss, the distillation steps included);
+ZeRO-3 is refused before any work."""
+
+from __future__ import annotations
+
+import pytest
+from helpers.ranks import run_ranks
+from helpers.training import deepspeed_run, fsdp2_run, single_process_run
+from test_deepspeed import BLOCK, CLIP, GAS, MICRO, STEPS, assert_matches
+
+pytestmark = pytest.mark.dist
+
+KD = {**BLOCK, "recovery": {"distill_steps": 4, "temperature": 2.0, "weight": 0.5}}
+_ref: list[dict] = []
+
+
+def reference() -> dict:
+    if not _ref:
+        _ref.append(single_process_run(KD, STEPS, 2, MICRO, GAS, CLIP))
+        plain = single_process_run(BLOCK, STEPS, 2, MICRO, GAS, CLIP)
+        window = BLOCK["window_steps"]
+        # the distillation term changes the losses of the steps after the prune, and only those
+        assert _ref[0]["losses"][:window] == pytest.approx(plain["losses"][:window], abs=1e-7)
+        assert _ref[0]["losses"][window] != pytest.approx(plain["losses"][window], abs=1e-4)
+    return _ref[0]
+
+
+def test_recovery_under_fsdp2_equals_single_process():
+    assert_matches(reference(), run_ranks(fsdp2_run, 2, KD, STEPS, MICRO, GAS, CLIP))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_recovery_under_zero12_equals_single_process(stage):
+    assert_matches(reference(), run_ranks(deepspeed_run, 2, KD, STEPS, stage, MICRO, GAS, CLIP))
+
+
+def test_recovery_under_zero3_is_refused():
+    with pytest.raises(AssertionError, match="gradpruner: recovery .* ZeRO-3"):
+        run_ranks(deepspeed_run, 2, KD, STEPS, 3, MICRO, GAS, CLIP)
+
+
+def _fsdp2_distill(rank: int, world: int, ck: str, phase: str) -> dict:
+    """FSDP2 on 2 ranks with recovery: "full" runs window + distillation + plain steps; "save" stops two steps
+    into the distillation and writes the model and optimizer (torch DCP) and GradPruner's state (the plan and
+    each rank's teacher shards); "resume" starts new from the dense model and those files."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from helpers.training import LR, global_batches, make_model
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from gradpruner_ds.backends.fsdp2 import FSDP2Backend
+    from gradpruner_ds.checkpoint import load_pruner_state, save_pruner_state
+    from gradpruner_ds.config import GradPrunerConfig
+    from gradpruner_ds.pruner import GradPruner
+
+    model = make_model(6, False)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    cfg = GradPrunerConfig.from_dict(KD)
+    pruner = GradPruner(model, cfg, total_steps=STEPS, backend=FSDP2Backend(model))
+    window = KD["window_steps"]
+    stop = window + 2
+    start = 0
+    if phase == "resume":
+        plan = load_pruner_state(pruner, f"{ck}/gradpruner")
+        assert plan is not None and pruner.distiller is not None and pruner.distiller.steps_done == 2
+        opt, _ = pruner.replay(plan, opt)
+        model_sd, optim_sd = get_state_dict(model, opt)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=f"{ck}/dcp")
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        start = stop
+    losses = []
+    for step, micro_batches in enumerate(global_batches(STEPS, world, MICRO, GAS)):
+        if step < start:
+            continue
+        total = torch.zeros(1, dtype=torch.float64)
+        for b in micro_batches:
+            mine = {k: v[rank * MICRO : (rank + 1) * MICRO] for k, v in b.items()}
+            res = model(**mine)
+            loss = pruner.distill(res.loss, res.logits, mine) / GAS
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        pruner.observe()
+        opt.step()
+        opt.zero_grad()
+        opt, _ = pruner.maybe_prune(opt)
+        torch.distributed.all_reduce(total)
+        losses.append(float(total) / world)
+        if phase == "save" and step + 1 == stop:
+            model_sd, optim_sd = get_state_dict(model, opt)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{ck}/dcp")
+            save_pruner_state(pruner, f"{ck}/gradpruner")
+            break
+    return {"losses": losses, "distilling": pruner.distiller is not None and pruner.distiller.active}
+
+
+def test_fsdp2_resume_during_the_distillation_gives_the_uninterrupted_losses(tmp_path):
+    full = run_ranks(_fsdp2_distill, 2, str(tmp_path / "unused"), "full")
+    saved = run_ranks(_fsdp2_distill, 2, str(tmp_path / "ck"), "save")
+    resumed = run_ranks(_fsdp2_distill, 2, str(tmp_path / "ck"), "resume")
+    stop = KD["window_steps"] + 2
+    for f, s, r in zip(full, saved, resumed, strict=True):
+        assert s["losses"] == pytest.approx(f["losses"][:stop], abs=1e-6)
+        assert r["losses"] == pytest.approx(f["losses"][stop:], abs=1e-5)  # distillation steps 3, 4, then plain
+        assert not r["distilling"]
