@@ -133,7 +133,7 @@ class FSDP2Backend(ShardedBackend):
                 return cls
             return next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
 
-        units = {name: m for name, m in model.named_modules() if isinstance(m, FSDPModule)}
+        units: dict[str, Any] = {name: m for name, m in model.named_modules() if isinstance(m, FSDPModule)}
         for unit in units.values():  # the sharded parameters (a forward leaves the root's unsharded)
             unit.reshard()
         first = next(p for p in model.parameters())
@@ -143,7 +143,7 @@ class FSDP2Backend(ShardedBackend):
         teacher.to(dtype=first.dtype)
         t_modules = dict(teacher.named_modules())
         for name, unit in sorted(units.items(), key=lambda kv: -kv[0].count(".")):  # children before parents
-            t_unit = t_modules[name]
+            t_unit: nn.Module = t_modules[name]
             if plain_class(unit) is not type(t_unit):
                 raise AssertionError(f"teacher module {name!r} is a {type(t_unit).__name__}")
             fully_shard(t_unit, mesh=mesh, mp_policy=unit._get_fsdp_state()._mp_policy)
