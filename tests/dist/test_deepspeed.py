@@ -134,11 +134,12 @@ def test_checkpoint_resume_in_window_and_after_prune(tmp_path, stage, save_at):
     assert ('"plan": null' in state) == (save_at <= BLOCK["window_steps"])
 
 
-@pytest.mark.parametrize("criterion", ["shortgpt_bi", "angular", "gate_fisher", "obd", "random"])
-def test_resume_inside_the_window_under_zero3_for_every_kind_of_statistic(tmp_path, criterion):
-    """Each rank's piece of the criterion's statistics (hidden-state sums, gate sums, IGIA + weights, none)
-    is saved inside the window and restored in new processes: the same scores and plan as the
-    uninterrupted ZeRO-3 run (2 ranks)."""
+@pytest.mark.parametrize("criterion", ["shortgpt_bi", "obd"])
+def test_resume_inside_the_window_under_zero3_in_new_processes(tmp_path, criterion):
+    """Each rank's piece of the criterion's statistics (hidden-state sums; IGIA + weights) is saved inside the
+    window and restored in new processes: the same scores and plan as the uninterrupted ZeRO-3 run (2 ranks).
+    Every registered criterion (restored into new objects in the same ranks):
+    ``tests/dist/test_fsdp2.py::test_resume_inside_the_window_for_every_criterion``."""
     block = {**BLOCK, "criterion": criterion, "num_drop": 2, "num_merge": 0}
     full = run_ranks(deepspeed_run, 2, block, STEPS, 3, MICRO, GAS, CLIP)
     ck = str(tmp_path / "ckpt")

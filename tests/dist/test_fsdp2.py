@@ -70,7 +70,9 @@ def _fsdp2_window(rank: int, world: int, block: dict, ck: str, phase: str) -> di
     fully_shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     window = block["window_steps"]
-    pruner = GradPruner(model, GradPrunerConfig.from_dict(block), total_steps=window + 1, backend=FSDP2Backend(model))
+    pruner = GradPruner(
+        model, GradPrunerConfig.from_dict(block), total_steps=window + 1, backend=FSDP2Backend(model)
+    )
     start = 0
     if phase == "resume":
         model_sd, optim_sd = get_state_dict(model, opt)
@@ -107,3 +109,45 @@ def test_fsdp2_resume_inside_the_window_gives_the_uninterrupted_plan(tmp_path, c
     for a, b in zip(full, resumed, strict=True):
         assert b["scores"] == pytest.approx(a["scores"], rel=1e-6)
         assert b["dropped"] == a["dropped"]
+
+
+def _every_criterion(rank: int, world: int, engine: str, ck: str) -> dict:
+    """For every registered criterion, in these ranks: the uninterrupted window, a run that saves after 2 of
+    its 3 steps, and a resume from those files into new objects (new model, engine and pruner)."""
+    from helpers.training import deepspeed_run
+
+    from gradpruner_ds.core.scoring import CRITERIA
+
+    out = {}
+    for criterion in sorted(set(CRITERIA) - {"given"}):  # 'given' is a plan by hand: layers_to_remove
+        block = {**BLOCK, "criterion": criterion, "num_drop": 2, "num_merge": 0}
+        folder = f"{ck}/{criterion}"
+        if engine == "fsdp2":
+            full = _fsdp2_window(rank, world, block, folder, "full")
+            _fsdp2_window(rank, world, block, folder, "save")
+            resumed = _fsdp2_window(rank, world, block, folder, "resume")
+        else:
+            args = (rank, world, block, STEPS, 3, MICRO, GAS, CLIP, 6, False, False, False, folder)
+            full = deepspeed_run(*args[:8])
+            deepspeed_run(*args, 2)
+            resumed = deepspeed_run(*args, None, True)
+        out[criterion] = (full, resumed)
+    return out
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_resume_inside_the_window_for_every_criterion(tmp_path, engine):
+    """Every registered criterion, ZeRO-3 and FSDP2 on 2 ranks: each rank's statistics are saved inside the
+    window and restored into new objects; the scores and plan equal the uninterrupted run's."""
+    from gradpruner_ds.core.scoring import CRITERIA
+
+    results = run_ranks(_every_criterion, 2, engine, str(tmp_path), timeout=600)
+    for per_rank in results:
+        assert set(per_rank) == set(CRITERIA) - {"given"}
+        for criterion, (full, resumed) in per_rank.items():
+            assert resumed["scores"] == pytest.approx(full["scores"], rel=1e-6), criterion
+            assert _dropped(resumed) == _dropped(full), criterion
+
+
+def _dropped(result: dict) -> list[int]:
+    return result["plan"]["dropped"] if "plan" in result else result["dropped"]
