@@ -28,6 +28,9 @@ from torch import nn
 
 from gradpruner_ds.config import RecoveryConfig
 from gradpruner_ds.diagnostics import release_memory
+from gradpruner_ds.log import get_logger
+
+log = get_logger("recovery")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -56,6 +59,8 @@ class Distiller:
         self.teacher.eval()
         self.teacher.requires_grad_(False)
         self.steps_done = 0
+        self._losses_this_step = 0  # loss() calls since the last step_done(): 0 means no distillation ran
+        self._warned = False
 
     @property
     def active(self) -> bool:
@@ -73,6 +78,7 @@ class Distiller:
         """``task_loss`` with the distillation term added (unchanged once the teacher is freed)."""
         if self.teacher is None:
             return task_loss
+        self._losses_this_step += 1
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         with torch.no_grad():
             teacher_logits = self.teacher(**inputs).logits
@@ -91,6 +97,15 @@ class Distiller:
         """One optimizer step of the pruned model is done; the teacher goes after ``distill_steps``."""
         if self.teacher is None:
             return
+        if not self._losses_this_step and not self._warned:
+            self._warned = True
+            log.warning(
+                "recovery is configured but this step after the prune added no distillation term: call "
+                "loss = pruner.distill(out.loss, out.logits, batch) on every micro-batch (the HF Trainer "
+                "integration does not); the teacher is freed after %d steps either way",
+                self.config.distill_steps,
+            )
+        self._losses_this_step = 0
         self.steps_done += 1
         if self.steps_done >= self.config.distill_steps:
             self.teacher = None

@@ -236,7 +236,8 @@ class DeepSpeedLoop:
         return self.engine
 
     def micro_step(self, batch: dict[str, Any]) -> float:
-        loss = self.engine(**batch).loss
+        out = self.engine(**batch)  # with a 'recovery' block: + the pre-prune teacher's KL term for K steps
+        loss = self.pruner.distill(out.loss, out.logits, batch)
         self.engine.backward(loss)
         self.pruner.observe()  # a no-op except at accumulation boundaries inside the window
         self.engine.step()

@@ -7,9 +7,10 @@ distillation step (``pruner.distill``: + the teacher's forward and the KL term).
 
 * distillation step / plain step: median and quartiles of the ratios of adjacent pairs (machine noise
   lands on both sides of a pair);
-* the teacher's weights / the pruned student's weights (bytes), and the process RSS after the teacher
-  was built / before (the teacher is the pre-prune model, so this is about 1 / kept fraction);
-* the same plain step before the prune (dense) for the post-prune speed-up the distillation eats into.
+* the teacher's weights / the pruned student's weights (bytes; the teacher is the pre-prune model, so this
+  is 1 / kept fraction), and the process RSS after the prune with the teacher / before the prune.
+
+(The post-prune / dense step ratio is the speed benchmark's, ``benchmarks/speed/run.py``.)
 
     python benchmarks/speed/recovery.py --pairs 16 --out docs/benchmarks/recovery_cost.json
 """
@@ -42,7 +43,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--task", default=str(ROOT / "data" / "bigbench" / "intent_recognition.json"))
     ap.add_argument("--pairs", type=int, default=16, help="(plain, distillation) step pairs after the prune")
     ap.add_argument("--window", type=int, default=4)
-    ap.add_argument("--dense_steps", type=int, default=4, help="plain dense steps timed before the window")
     ap.add_argument("--prune_ratio", type=float, default=0.3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max_length", type=int, default=128)
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     split = split_task(load_task(args.task), seed=0, max_test=200)
     ds = build_train_dataset(tok, split.train, max_length=args.max_length)
-    n_batches = args.dense_steps + args.window + 2 * args.pairs
+    n_batches = args.window + 2 * args.pairs
     order = torch.randperm(len(ds)).tolist() * (1 + n_batches * args.batch // len(ds))
     batches = [
         collate([ds[i] for i in order[k * args.batch : (k + 1) * args.batch]], tok.pad_token_id)
@@ -76,23 +76,18 @@ def main(argv: list[str] | None = None) -> dict:
     pruner = GradPruner(model, cfg, total_steps=total_steps)
     it = iter(batches)
 
-    def step(distill: bool, observe: bool = True) -> float:
+    def step(distill: bool) -> float:
         batch = next(it)
         t0 = time.perf_counter()
         out = model(**batch)
         loss = pruner.distill(out.loss, out.logits, batch) if distill else out.loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if observe:
-            pruner.observe()
+        pruner.observe()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    dense = []
-    with pruner.paused():
-        for _ in range(args.dense_steps):
-            dense.append(step(False, observe=False))
     for _ in range(args.window):
         step(False)
     student_bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -114,14 +109,11 @@ def main(argv: list[str] | None = None) -> dict:
         "model": "SmolLM2-135M-Instruct",
         "layers_removed": len(pruner.plan.removed),
         "pairs": args.pairs,
-        "dense_step_s": statistics.median(dense),
         "plain_step_s": statistics.median(plain),
         "distill_step_s": statistics.median(distill),
         "distill_over_plain_median": statistics.median(ratios),
         "distill_over_plain_q1": ratios[q // 4],
         "distill_over_plain_q3": ratios[(3 * q) // 4],
-        "distill_over_dense": statistics.median(distill) / statistics.median(dense),
-        "plain_over_dense": statistics.median(plain) / statistics.median(dense),
         "teacher_bytes": teacher_bytes,
         "student_bytes": student_bytes,
         "dense_bytes": student_bytes_before,

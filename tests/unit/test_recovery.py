@@ -124,3 +124,28 @@ def test_recovery_is_refused_under_zero3_before_any_work():
     ):
         GradPruner(model, _cfg(), total_steps=STEPS, backend=TwoZero3Ranks())
     assert not any(layer._forward_hooks for layer in model.model.layers)  # refused before any hook
+
+
+def test_a_loop_that_never_calls_distill_is_warned_about(caplog):
+    """A 'recovery' block with a loop (or the HF Trainer) that does not add the term: one warning, not a
+    silent run without distillation."""
+    import logging
+
+    data = batches(STEPS, seed=4)
+    model = tiny_llama(6)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    pruner = GradPruner(model, _cfg(), total_steps=STEPS)
+    logging.getLogger("gradpruner_ds").propagate = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="gradpruner_ds"):
+            for b in data:
+                model(**b).loss.backward()
+                pruner.observe()
+                opt.step()
+                opt.zero_grad()
+                opt, _ = pruner.maybe_prune(opt)
+    finally:
+        logging.getLogger("gradpruner_ds").propagate = False
+    warned = [r for r in caplog.records if "added no distillation term" in r.getMessage()]
+    assert len({id(r) for r in warned}) == 1 and not pruner.distiller.active  # once (caplog may list it twice)
