@@ -65,6 +65,49 @@ def test_resume_inside_the_window_gives_the_uninterrupted_plan(tmp_path, criteri
     assert plan.scores == pytest.approx(expect.scores, rel=1e-6)
 
 
+@pytest.mark.parametrize("criterion", ALL)
+def test_resume_after_the_prune_gives_the_uninterrupted_model(tmp_path, criterion):
+    """Saved after the prune (the plan, no statistics), resumed into a new dense model: the replayed surgery and
+    the saved weights give the uninterrupted run's plan, structure and next losses."""
+    data = batches(6, seed=7)
+    num_merge = 1 if criterion.startswith(("igia", "obd")) else 0
+
+    def run(model, pruner, opt, part):
+        losses = []
+        for b in part:
+            loss = model(**b).loss
+            loss.backward()
+            pruner.observe()
+            opt.step()
+            opt.zero_grad()
+            opt, _ = pruner.maybe_prune(opt)
+            losses.append(float(loss))
+        return losses, opt
+
+    model = tiny_llama(6)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    whole = GradPruner(model, _cfg(criterion, num_merge=num_merge), seed=1)
+    expect, _ = run(model, whole, opt, data)
+
+    model = tiny_llama(6)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    first = GradPruner(model, _cfg(criterion, num_merge=num_merge), seed=1)
+    losses, opt = run(model, first, opt, data[:4])  # window 3, pruned after step 3, one step after it
+    save_pruner_state(first, tmp_path / "ck")
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+    dense = tiny_llama(6)
+    resumed = GradPruner(dense, _cfg(criterion, num_merge=num_merge), seed=1)
+    plan = load_pruner_state(resumed, tmp_path / "ck")
+    assert plan is not None and plan.to_dict() == whole.plan.to_dict()
+    opt = torch.optim.SGD(dense.parameters(), lr=1e-2)
+    opt, _ = resumed.replay(plan, opt)
+    dense.load_state_dict(weights)
+    rest, _ = run(dense, resumed, opt, data[4:])
+    assert dense.config.num_hidden_layers == model.config.num_hidden_layers
+    assert losses + rest == pytest.approx(expect, abs=1e-6)
+
+
 @pytest.mark.parametrize(
     ("criterion", "num_merge", "igia"),
     [("shortgpt_bi", 0, False), ("angular", 0, False), ("random", 0, False), ("igia_sum", 0, True),
