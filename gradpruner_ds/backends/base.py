@@ -30,7 +30,8 @@ class EngineAdapter(Protocol):
     gradients and the clip / loss-scale factor applied after the read). Changing the model:
     ``apply_merge`` / ``store_weight`` (every copy of a weight the engine keeps) and ``rebuild`` (carry the
     kept parameters' optimizer state into the engine over the pruned model; returns the objects the loop
-    uses from then on). Reporting: ``log_events``.
+    uses from then on). Recovery: ``make_teacher`` (a frozen copy of the model laid out like it) unless
+    ``teacher_refused`` says why this engine cannot. Reporting: ``log_events``.
     """
 
     rank: int
