@@ -126,7 +126,8 @@ class GradPrunerConfig(BaseModel):
         "For K optimizer steps after the prune, pruner.distill(loss, logits, batch) adds KL(teacher || student) "
         "on the same batch, the teacher being a frozen copy of the model just before the prune (no gradients, no "
         "optimizer state) laid out like the student (whole in one process and under ZeRO-1/2, each rank's shards "
-        "under FSDP2), freed afterwards. Refused under ZeRO-3.",
+        "under FSDP2), freed afterwards. With the HF Trainer, add_gradpruner adds the term to the Trainer's loss. "
+        "Refused under ZeRO-3 and under FSDP2 with a peft-wrapped model.",
     )
     observe_only: bool = Field(
         False,

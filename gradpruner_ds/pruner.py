@@ -101,7 +101,8 @@ class GradPruner:
             raise user_error(
                 f"recovery (in-job distillation) needs a teacher laid out like the student: {self.backend.teacher_refused}",
                 type(self.backend).__name__,
-                "remove the 'recovery' sub-block, or use one process, DeepSpeed ZeRO-1/2 or FSDP2",
+                "remove the 'recovery' sub-block, or train on an engine that can hold the teacher: one process, "
+                "DeepSpeed ZeRO-1/2, or FSDP2 with a plain transformers model",
             )
         # last (no hook may outlive a failed check above): the statistics the criterion reads, plus IGIA for
         # the masks of a merge; nothing when disabled
@@ -202,9 +203,7 @@ class GradPruner:
         recovery = (state.get("statistics") or {}).get("recovery")
         if recovery is not None and self.config.recovery is not None:  # resumed during the distillation
             # the dense model's copy, then the saved teacher weights
-            self.distiller = Distiller(
-                self.model, self.config.recovery, self.backend.make_teacher(self.model)
-            )
+            self.distiller = Distiller(self.config.recovery, self.backend.make_teacher(self.model))
             self.distiller.load_state_dict(recovery)
         if state["plan"] is not None:
             plan = PrunePlan.from_dict(state["plan"])
@@ -461,9 +460,7 @@ class GradPruner:
             merge_stats: dict[str, Any] = {"observe_only": True, "merge": []}
         else:
             if self.config.recovery is not None:  # the teacher: the model just before the prune
-                self.distiller = Distiller(
-                    self.model, self.config.recovery, self.backend.make_teacher(self.model)
-                )
+                self.distiller = Distiller(self.config.recovery, self.backend.make_teacher(self.model))
             merge_stats = self.merge(plan)
             optimizer, lr_scheduler = self._cut(plan, optimizer, lr_scheduler)
             params_after = count_params(self.model, self.backend)
@@ -492,6 +489,11 @@ class GradPruner:
             100.0 * params_after / params_before,
         )
         return optimizer, lr_scheduler
+
+    @property
+    def distilling(self) -> bool:
+        """True from the prune until ``recovery.distill_steps`` steps later (the teacher is alive)."""
+        return self.distiller is not None and self.distiller.active
 
     def distill(self, loss: torch.Tensor, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         """The training loss to backpropagate: ``loss`` plus, during the ``recovery.distill_steps`` steps after
@@ -610,6 +612,8 @@ class DisabledPruner:
     def maybe_prune(self, optimizer: Any = None, lr_scheduler: Any = None) -> Continue:
         """Nothing is pruned: returns its arguments."""
         return Continue(optimizer, lr_scheduler)
+
+    distilling = False
 
     def distill(self, loss: torch.Tensor, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         """No recovery: returns ``loss``."""

@@ -18,7 +18,6 @@ exactly like the student's). ZeRO-3 is refused (its partitioned parameters canno
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,9 +52,10 @@ def distill_kl(
 class Distiller:
     """The frozen pre-prune teacher and the distillation term for the first ``distill_steps`` steps."""
 
-    def __init__(self, model: nn.Module, config: RecoveryConfig, teacher: nn.Module | None = None) -> None:
+    def __init__(self, config: RecoveryConfig, teacher: nn.Module) -> None:
+        """``teacher``: the frozen pre-prune model laid out like the student (``Backend.make_teacher``)."""
         self.config = config
-        self.teacher: nn.Module | None = copy.deepcopy(model) if teacher is None else teacher
+        self.teacher: nn.Module | None = teacher
         self.teacher.eval()
         self.teacher.requires_grad_(False)
         self.steps_done = 0
@@ -101,8 +101,9 @@ class Distiller:
             self._warned = True
             log.warning(
                 "recovery is configured but this step after the prune added no distillation term: call "
-                "loss = pruner.distill(out.loss, out.logits, batch) on every micro-batch (the HF Trainer "
-                "integration does not); the teacher is freed after %d steps either way",
+                "loss = pruner.distill(out.loss, out.logits, batch) on every micro-batch (with the HF Trainer: "
+                "add_gradpruner(trainer, ...) adds it, a GradPrunerCallback passed in callbacks=[...] cannot); "
+                "the teacher is freed after %d steps either way",
                 self.config.distill_steps,
             )
         self._losses_this_step = 0

@@ -191,11 +191,25 @@ class Backend:
         """Send the prune's scalar events to the engine's experiment tracker (none here)."""
 
     def make_teacher(self, model: nn.Module) -> nn.Module:
-        """A frozen copy of ``model`` as it is now, laid out like it (whole weights here; under FSDP2 each rank
-        copies its shards), for the distillation after the prune (``recovery``)."""
+        """A frozen copy of ``model`` as it is now, laid out like it (whole weights: one process and ZeRO-1/2;
+        FSDP2 overrides this to copy each rank's shards), for the distillation after the prune (``recovery``).
+
+        The copy carries no hooks: every hook table on every module (an engine's gradient hooks, the
+        statistics' forward hooks) is emptied for the copy and restored on ``model`` -- a copied hook
+        would drive a copy of the engine or feed the student's statistics with the teacher's activations."""
         import copy
 
-        teacher = copy.deepcopy(model)
+        saved = []
+        for m in model.modules():
+            for name, value in list(vars(m).items()):
+                if "hook" in name and isinstance(value, dict) and value:
+                    saved.append((m, name, value))
+                    setattr(m, name, type(value)())
+        try:
+            teacher = copy.deepcopy(model)
+        finally:
+            for m, name, value in saved:
+                setattr(m, name, value)
         teacher.requires_grad_(False)
         return teacher
 

@@ -169,26 +169,6 @@ class DeepSpeedBackend(ShardedBackend):
         if monitor is not None and getattr(monitor, "enabled", False):
             monitor.write_events([(name, value, step) for name, value in events.items()])
 
-    def make_teacher(self, model: nn.Module) -> nn.Module:
-        """A whole frozen copy of the engine's module (ZeRO-1/2 keep whole weights on every rank, like the
-        student), without the hooks DeepSpeed registered on it: a copied hook would drive a copy of the engine.
-        ZeRO-3 is refused (``Zero3Backend.teacher_refused``)."""
-        import copy
-
-        saved = []
-        for m in model.modules():  # every hook table of every module, emptied for the copy, then restored
-            for name, value in list(vars(m).items()):
-                if "hook" in name and isinstance(value, dict) and value:
-                    saved.append((m, name, value))
-                    setattr(m, name, type(value)())
-        try:
-            teacher = copy.deepcopy(model)
-        finally:
-            for m, name, value in saved:
-                setattr(m, name, value)
-        teacher.requires_grad_(False)
-        return teacher
-
     # ---- rebuild: carry the kept parameters' state into a new engine over the pruned module --------------
     def rebuild(
         self,

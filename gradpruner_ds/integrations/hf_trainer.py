@@ -18,6 +18,9 @@ Under a DeepSpeed config the block may also live in the DeepSpeed config (``"gra
   (``DeepSpeedBackend.rebuild``). The Trainer's loop holds the engine in a local variable, so the old
   engine object is turned into the new one (``DeepSpeedBackend.rebind``): every holder of it (the loop,
   ``trainer.model_wrapped``, ``trainer.deepspeed``, accelerate) trains the pruned model from the next step.
+* **Recovery.** With a ``recovery`` block, :func:`add_gradpruner` wraps ``trainer.compute_loss`` so that the
+  distillation term from the pre-prune teacher is added to the Trainer's loss for ``distill_steps`` steps
+  (at the loss's own gradient-accumulation scale, :func:`distilled_loss`); a bare callback cannot.
 * **Save.** With full fine-tuning the Trainer's own ``trainer.save_model()`` writes the pruned model (its
   config says so), so nothing else is written unless ``save_final=True``. With peft LoRA the Trainer saves
   adapters on the unpruned base; then (or when asked) the complete pruned model, adapters merged, goes to
@@ -32,6 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -239,7 +243,10 @@ class GradPrunerCallback(TrainerCallback):
         lr_scheduler: Any = None,
         **kwargs: Any,
     ) -> None:
-        if self.pruner is None or not self.pruner.ready:
+        if self.pruner is None:
+            return
+        if not self.pruner.ready:  # a step of the window, or of the pruned model (timing, distillation count)
+            self.pruner.maybe_prune()
             return
         if not self._deepspeed:
             self.pruner.maybe_prune(_torch_optimizer(optimizer), lr_scheduler)
@@ -329,4 +336,46 @@ def add_gradpruner(
         return train(resume_from_checkpoint, *args, **kwargs)
 
     trainer.train = train_with_resume
+    if cb.config is None or cb.config.recovery is not None:  # None: the DeepSpeed block, read at train begin
+        compute_loss = trainer.compute_loss
+
+        def compute_loss_with_distillation(
+            model: Any, inputs: Any, return_outputs: bool = False, **kw: Any
+        ) -> Any:
+            """``Trainer.compute_loss`` plus, for ``recovery.distill_steps`` steps after the prune, the
+            self-distillation term (:func:`distilled_loss`)."""
+            pruner = cb.pruner
+            if pruner is None or not pruner.distilling or not torch.is_grad_enabled():
+                return compute_loss(model, inputs, return_outputs=return_outputs, **kw)
+            batch = dict(inputs)  # compute_loss may pop "labels" from inputs
+            loss, outputs = compute_loss(model, inputs, return_outputs=True, **kw)
+            loss = distilled_loss(pruner, loss, outputs, batch)
+            return (loss, outputs) if return_outputs else loss
+
+        trainer.compute_loss = compute_loss_with_distillation
     return cb
+
+
+def distilled_loss(pruner: GradPruner, loss: Any, outputs: Any, batch: Mapping[str, Any]) -> Any:
+    """The Trainer's micro-batch ``loss`` with the distillation term added at the same scale.
+
+    The Trainer's loss may be scaled for gradient accumulation and data parallelism (a token sum over the
+    whole accumulated, all-rank batch times the number of processes) or be this micro-batch's mean; the
+    distillation term is a mean over this micro-batch's trained positions. The scale is read off the loss
+    itself: ``factor = loss / (this micro-batch's mean cross-entropy)`` (1 when the loss is a per-batch mean),
+    and ``factor * pruner.distill(loss / factor, ...)`` adds ``weight * T^2 * KL * factor`` -- the term at the
+    loss's own scale, as ``pruner.distill(out.loss, ...) / gradient_accumulation`` in a loop of one's own."""
+    logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[1]
+    labels = batch.get("labels")
+    factor = torch.ones((), dtype=torch.float32)
+    if labels is not None:
+        with torch.no_grad():
+            mean_ce = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),
+                labels[:, 1:].flatten().to(logits.device),
+                ignore_index=-100,
+            )
+            if torch.isfinite(mean_ce) and mean_ce > 0:
+                factor = loss.detach().float() / mean_ce
+    factor = factor.to(loss.device)
+    return pruner.distill(loss / factor, logits, batch) * factor

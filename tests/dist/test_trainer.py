@@ -127,3 +127,32 @@ def test_trainer_deepspeed_resumes_from_its_checkpoint_after_the_prune(tmp_path,
     assert resumed["layers_after"] == KEPT and resumed["global_step"] == STEPS
     assert resumed["losses"] == pytest.approx(single[1]["losses"], abs=2e-5)
     assert torch.allclose(final_logits(second), final_logits(single[0]), atol=1e-4)
+
+
+KD_BLOCK = {**BLOCK, "recovery": {"distill_steps": 2, "temperature": 2.0, "weight": 0.5}}
+
+
+@pytest.mark.skipif(tool("torchrun") is None, reason="torchrun not installed")
+def test_trainer_recovery_under_zero2_matches_single_process(tmp_path, single):
+    """The recovery block under the HF Trainer (``add_gradpruner`` adds the distillation term to the Trainer's
+    loss): ZeRO-2 on 2 ranks equals the single-process Trainer run with the same block, and the distilled
+    steps differ from the run without recovery exactly where the teacher lives."""
+    one = tmp_path / "single"
+    block = tmp_path / "block.json"
+    block.write_text(json.dumps(KD_BLOCK))
+    ref = check(one, launch([sys.executable, SCRIPT, *COMMON, "--per_device_batch", "4", "--gradpruner_config",
+                             str(block), "--output_dir", str(one)]))  # fmt: skip
+    window = BLOCK["window_steps"]
+    plain = single[1]["losses"]
+    assert ref["losses"][:window] == pytest.approx(plain[:window], abs=1e-6)
+    assert all(abs(a - b) > 1e-4 for a, b in zip(ref["losses"][window : window + 2], plain[window : window + 2]))
+    cfg = json.loads((ROOT / "configs" / "trainer_zero2.json").read_text())
+    cfg["gradpruner"] = KD_BLOCK
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    two = tmp_path / "two"
+    cmd = [tool("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), SCRIPT, *COMMON,
+           "--per_device_batch", "2", "--deepspeed", str(tmp_path / "ds.json"), "--output_dir", str(two)]
+    summary = check(two, launch(cmd))
+    assert summary["engine"] == "deepspeed" and summary["world"] == 2
+    same_run(summary, ref)
+    assert torch.allclose(final_logits(two), final_logits(one), atol=1e-4)

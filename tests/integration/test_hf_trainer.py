@@ -243,3 +243,82 @@ def test_trainer_with_peft_default_lora_leaves_a_complete_pruned_model(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gradpruner_final")
     assert loaded.config.num_hidden_layers == 4
     torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-5, atol=1e-5)
+
+
+KD_BLOCK = {**BLOCK, "window_steps": 2, "recovery": {"distill_steps": 3, "temperature": 2.0, "weight": 0.5}}
+
+
+class _InOrder(Trainer):
+    """The Trainer with its rows in dataset order, so a loop of one's own can see the same batches."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+def _kd_args(out) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=7,
+        learning_rate=1e-3, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
+    )  # fmt: skip
+
+
+def test_add_gradpruner_distills_in_the_trainer_like_a_loop_of_ones_own(tmp_path):
+    """recovery under the HF Trainer: add_gradpruner adds the distillation term to the Trainer's loss at the
+    Trainer's own gradient-accumulation scale; the run equals ``pruner.distill(out.loss, ...) / GAS`` in a
+    plain loop over the same batches (every logged loss, the final weights)."""
+    from gradpruner_ds.config import GradPrunerConfig
+    from gradpruner_ds.integrations.hf_trainer import add_gradpruner
+    from gradpruner_ds.pruner import GradPruner
+
+    model = tiny_llama(6)
+    trainer = _InOrder(model=model, args=_kd_args(tmp_path), train_dataset=_Data())
+    cb = add_gradpruner(trainer, KD_BLOCK)
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert cb.pruner.distiller is not None and cb.pruner.distiller.steps_done == 3
+    assert not cb.pruner.distilling  # the teacher was freed after its 3 steps
+
+    rows = _Data().rows
+    data = [{k: torch.stack([r[k] for r in rows[i : i + 4]]) for k in rows[0]} for i in range(0, 56, 4)]
+    own = tiny_llama(6)
+    own.train()
+    opt = torch.optim.AdamW(own.parameters(), lr=1e-3, weight_decay=0.0)
+    pruner = GradPruner(own, GradPrunerConfig.from_dict(KD_BLOCK), total_steps=7)
+    losses, plain = [], []
+    for step in range(7):
+        total = task = 0.0
+        for b in data[2 * step : 2 * step + 2]:
+            out = own(**b)
+            loss = pruner.distill(out.loss, out.logits, b) / 2
+            loss.backward()
+            total, task = total + float(loss), task + float(out.loss) / 2
+        torch.nn.utils.clip_grad_norm_(own.parameters(), 1.0)
+        pruner.observe()
+        opt.step()
+        opt.zero_grad()
+        opt, _ = pruner.maybe_prune(opt)
+        losses.append(total)
+        plain.append(task)
+    assert pruner.plan.removed == cb.plan.removed
+    assert [abs(a - b) > 1e-6 for a, b in zip(losses, plain, strict=True)] == [False] * 2 + [True] * 3 + [False] * 2
+    assert logged == pytest.approx(losses, abs=2e-4)  # the Trainer logs 4 decimals
+    torch.testing.assert_close(_logits(model), _logits(own), atol=1e-5, rtol=1e-4)
+
+
+def test_a_callback_without_the_trainer_warns_that_it_cannot_distill(tmp_path, caplog):
+    """A GradPrunerCallback in callbacks=[...] cannot reach the Trainer's loss: the run says so once instead
+    of silently training the pruned model without the configured distillation."""
+    import logging
+
+    logging.getLogger("gradpruner_ds").propagate = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="gradpruner_ds"):
+            cb = GradPrunerCallback(KD_BLOCK)
+            Trainer(model=tiny_llama(6), args=_kd_args(tmp_path), train_dataset=_Data(), callbacks=[cb]).train()
+    finally:
+        logging.getLogger("gradpruner_ds").propagate = False
+    warned = [r for r in caplog.records if "added no distillation term" in r.getMessage()]
+    assert len({id(r) for r in warned}) == 1  # once (caplog may list the same record twice)
+    assert "add_gradpruner" in warned[0].getMessage()
+    assert cb.plan is not None and not cb.pruner.distilling

@@ -149,3 +149,23 @@ def test_a_loop_that_never_calls_distill_is_warned_about(caplog):
         logging.getLogger("gradpruner_ds").propagate = False
     warned = [r for r in caplog.records if "added no distillation term" in r.getMessage()]
     assert len({id(r) for r in warned}) == 1 and not pruner.distiller.active  # once (caplog may list it twice)
+
+
+def test_the_teacher_copy_carries_no_hooks_and_the_student_keeps_them():
+    """An engine's or a statistic's hook copied into the teacher would run on the teacher's forward (a copy
+    of the engine, the student's statistics fed the teacher's activations): the copy has none, the model
+    keeps every one."""
+    from gradpruner_ds.backends.base import Backend
+
+    model = tiny_llama(4)
+    seen = []
+    layer = model.model.layers[1]
+    layer.register_forward_hook(lambda m, i, o: seen.append(1))
+    layer.self_attn.register_forward_pre_hook(lambda m, a, k: seen.append(2), with_kwargs=True)
+    teacher = Backend().make_teacher(model)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    ids = batches(1, seed=0)[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert seen == [2, 1]  # the student's hooks ran once, the teacher's forward ran none
+    assert layer._forward_hooks and layer.self_attn._forward_pre_hooks_with_kwargs
