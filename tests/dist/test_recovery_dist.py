@@ -41,13 +41,20 @@ def test_recovery_under_zero3_is_refused():
         run_ranks(deepspeed_run, 2, KD, STEPS, 3, MICRO, GAS, CLIP)
 
 
+def test_recovery_under_fsdp2_with_peft_is_refused():
+    """FSDP2 rebuilds the teacher from the model's class and config: a peft-wrapped model is refused before
+    any work, with the reason."""
+    with pytest.raises(AssertionError, match=r"gradpruner: recovery .*\(not peft-wrapped\)"):
+        run_ranks(fsdp2_run, 2, KD, STEPS, MICRO, GAS, CLIP, 6, True)
+
+
 def _fsdp2_distill(rank: int, world: int, ck: str, phase: str) -> dict:
     """FSDP2 on 2 ranks with recovery: "full" runs window + distillation + plain steps; "save" stops two steps
     into the distillation and writes the model and optimizer (torch DCP) and GradPruner's state (the plan and
     each rank's teacher shards); "resume" starts new from the dense model and those files."""
     import torch
     import torch.distributed.checkpoint as dcp
-    from helpers.training import LR, global_batches, make_model
+    from helpers.training import LR, fsdp2_step, global_batches, make_model
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.fsdp import fully_shard
 
@@ -79,20 +86,8 @@ def _fsdp2_distill(rank: int, world: int, ck: str, phase: str) -> dict:
     for step, micro_batches in enumerate(global_batches(STEPS, world, MICRO, GAS)):
         if step < start:
             continue
-        total = torch.zeros(1, dtype=torch.float64)
-        for b in micro_batches:
-            mine = {k: v[rank * MICRO : (rank + 1) * MICRO] for k, v in b.items()}
-            res = model(**mine)
-            loss = pruner.distill(res.loss, res.logits, mine) / GAS
-            loss.backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        pruner.observe()
-        opt.step()
-        opt.zero_grad()
-        opt, _ = pruner.maybe_prune(opt)
-        torch.distributed.all_reduce(total)
-        losses.append(float(total) / world)
+        loss, opt, _, _ = fsdp2_step(model, pruner, opt, None, micro_batches, rank, world, MICRO, GAS, CLIP)
+        losses.append(loss)
         if phase == "save" and step + 1 == stop:
             model_sd, optim_sd = get_state_dict(model, opt)
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{ck}/dcp")

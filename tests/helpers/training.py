@@ -241,7 +241,7 @@ def fsdp2_run(
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from gradpruner_ds.backends.fsdp2 import FSDP2Backend
-    from gradpruner_ds.diagnostics import count_collectives, live_tensor_bytes
+    from gradpruner_ds.diagnostics import live_tensor_bytes
 
     model = make_model(num_layers, lora)
     inner = model.base_model.model if lora else model
@@ -259,30 +259,17 @@ def fsdp2_run(
     out: dict[str, Any] = {"observe_calls": []}
     losses = []
     for micro_batches in global_batches(steps, world, micro, gas):
-        total = torch.zeros(1, dtype=torch.float64)
-        for b in micro_batches:
-            mine = {k: v[rank * micro : (rank + 1) * micro] for k, v in b.items()}
-            res = model(**mine)
-            loss = pruner.distill(res.loss, res.logits, mine) / gas
-            loss.backward()
-            total += loss.item()
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
-        with count_collectives() as calls:
-            pruner.observe()
+        def before() -> None:  # after the optimizer step: the window may be complete now
+            if instrument and pruner.ready:
+                out["bytes_before"] = live_tensor_bytes()
+
+        loss, opt, sched, calls = fsdp2_step(model, pruner, opt, sched, micro_batches, rank, world, micro, gas,
+                                             clip, before_prune=before)  # fmt: skip
         out["observe_calls"].append(calls)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        if instrument and pruner.ready:
-            out["bytes_before"] = live_tensor_bytes()
-        opt, sched = pruner.maybe_prune(opt, sched)
         if instrument and "bytes_before" in out and "bytes_after" not in out:
-            del loss
             gc.collect()
             out["bytes_after"] = live_tensor_bytes()
-        torch.distributed.all_reduce(total)
-        losses.append(float(total) / world)
+        losses.append(loss)
     assert pruner.plan is not None
     out.update(
         losses=losses,
@@ -291,3 +278,44 @@ def fsdp2_run(
         merge=pruner.report["merge"] if pruner.report else None,  # None: resumed after the prune
     )
     return out
+
+
+def fsdp2_step(
+    model: Any,
+    pruner: GradPruner,
+    opt: Any,
+    sched: Any,
+    micro_batches: list[dict],
+    rank: int,
+    world: int,
+    micro: int,
+    gas: int,
+    clip: float,
+    before_prune: Any = None,
+) -> tuple[float, Any, Any, dict]:
+    """One optimizer step of an FSDP2 loop on this rank's rows of ``micro_batches`` (the distillation term
+    added, clipping, observe, step, maybe prune); returns the mean loss over ranks, the optimizer and
+    scheduler (new after a prune) and the collectives ``observe`` issued."""
+    from gradpruner_ds.diagnostics import count_collectives
+
+    total = torch.zeros(1, dtype=torch.float64)
+    for b in micro_batches:
+        mine = {k: v[rank * micro : (rank + 1) * micro] for k, v in b.items()}
+        res = model(**mine)
+        loss = pruner.distill(res.loss, res.logits, mine) / gas
+        loss.backward()
+        total += loss.item()
+    del loss, res
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+    with count_collectives() as calls:
+        pruner.observe()
+    opt.step()
+    if sched is not None:
+        sched.step()
+    opt.zero_grad()
+    if before_prune is not None:
+        before_prune()
+    opt, sched = pruner.maybe_prune(opt, sched)
+    torch.distributed.all_reduce(total)
+    return float(total) / world, opt, sched, calls
