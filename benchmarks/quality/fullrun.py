@@ -16,7 +16,8 @@ Arms (``--arms``): ``dense``; a criterion name (``shortgpt_bi``, ``angular``, ``
 model distilled into the pruned one for K steps after the prune); ``igia_sum~lora`` (the paper's LoRA-probe score: a LoRA r=8 probe run
 over the same window batches with the same learning rates, its plan given to the full fine-tune
 through ``layers_to_remove``). Seeds (``--seeds``) change the data order; arms in ``--repeat`` run with
-every seed, the others with the first one only.
+every seed, the others with the first one only. The dense run does not depend on the budget: one dense run
+per task and seed serves every budget (run in the first budget's folder, found there by the others).
 
 Resumable: a run whose ``summary.json`` is in ``--out`` is skipped; runs write to a scratch folder
 (``--scratch``) and only the small result files are copied into ``--out`` when a run has finished.
@@ -134,6 +135,10 @@ def run_job(args: argparse.Namespace, job: dict[str, Any]) -> str:
     final = Path(args.out) / job["group"] / job["id"]
     if (final / "summary.json").exists():
         return f"{job['group']}/{job['id']}: done already"
+    if job["arm"] == "dense":  # the dense run does not depend on the budget: one per task and seed
+        other = sorted(Path(args.out).glob(f"{job['task']}_b*/{job['id']}/summary.json"))
+        if other:
+            return f"{job['group']}/{job['id']}: done already (the budget's dense run is {other[0].parent})"
     folder = Path(args.scratch) / job["group"] / job["id"]
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -192,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     todo = jobs(args)
     if args.list:
         for j in todo:
-            done = (Path(args.out) / j["group"] / j["id"] / "summary.json").exists()
+            pattern = f"{j['task']}_b*/{j['id']}" if j["arm"] == "dense" else f"{j['group']}/{j['id']}"
+            done = any(Path(args.out).glob(pattern + "/summary.json"))
             print(f"{'done' if done else 'todo'}  {j['group']}/{j['id']}")
         return
     with ThreadPoolExecutor(args.workers) as pool:

@@ -19,13 +19,65 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def task_of(group: str) -> str:
+    """``<task>_b<percent>`` -> ``<task>``."""
+    return group.rsplit("_b", 1)[0]
+
+
+def budget_of(group: str) -> str:
+    return group.rsplit("_b", 1)[1]
+
+
 def load(out: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
-    """group -> arm -> seed -> summary."""
+    """group -> arm -> seed -> summary. The dense run does not depend on the budget: a group without the
+    dense run of a seed borrows it from another budget's group of the same task (one dense run per task and
+    seed serves every budget)."""
     runs: dict[str, dict[str, dict[int, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
     for path in sorted(out.glob("*/*/summary.json")):
         s = json.loads(path.read_text())
         runs[path.parent.parent.name][s["arm"]][int(s["seed"])] = s
+    for group, arms in runs.items():
+        for other, other_arms in sorted(runs.items()):
+            if other != group and task_of(other) == task_of(group):
+                for seed, summary in other_arms.get("dense", {}).items():
+                    arms["dense"].setdefault(seed, summary)
     return runs
+
+
+def paired(arms: dict[str, dict[int, dict[str, Any]]], arm: str) -> list[float]:
+    """Final accuracy minus the dense run's of the same seed, for every seed of ``arm`` with a dense run."""
+    dense = arms.get("dense", {})
+    return [r["acc_after"] - dense[s]["acc_after"] for s, r in sorted(arms.get(arm, {}).items()) if s in dense]
+
+
+def across_tasks(runs: dict[str, dict[str, dict[int, dict[str, Any]]]], budget: str) -> str:
+    """The goal's reading at one budget: per arm, the paired difference to dense on each task (mean over
+    seeds) and their mean over the tasks that have the arm (each task weighing the same; its standard error
+    from the tasks' own, where every task has two seeds or more)."""
+    groups = {task_of(g): arms for g, arms in sorted(runs.items()) if budget_of(g) == budget}
+    tasks = sorted(groups)
+    arms = sorted({a for arms in groups.values() for a in arms if a != "dense"})
+    head = ["arm", *tasks, "mean over tasks", "tasks"]
+    lines = [f"### all tasks, {budget}% of layers removed: final accuracy minus dense (paired by seed)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for arm in arms:
+        cells, means, ses = [arm], [], []
+        for task in tasks:
+            diffs = paired(groups[task], arm)
+            if not diffs:
+                cells.append("")
+                continue
+            m, se = mean_se(diffs)
+            means.append(m)
+            ses.append(se)
+            cells.append(fmt(m, se, sign=True) + f" (n={len(diffs)})")
+        if not means:
+            continue
+        total = sum(means) / len(means)
+        se_total = None if any(e is None for e in ses) else math.sqrt(sum(e * e for e in ses)) / len(ses)  # type: ignore[operator]
+        cells += [fmt(total, se_total, sign=True), f"{len(means)}/{len(tasks)}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def mean_se(values: list[float]) -> tuple[float, float | None]:
@@ -42,7 +94,6 @@ def fmt(m: float, se: float | None, scale: float = 100.0, sign: bool = False) ->
 
 
 def table(group: str, arms: dict[str, dict[int, dict[str, Any]]]) -> str:
-    dense = arms.get("dense", {})
     points = sorted({p["step"] for runs in arms.values() for s in runs.values() for p in s.get("curve", [])})
     head = ["arm", "seeds", *[f"acc @ {p}" for p in points], "final vs dense (paired)", "train s", "layers"]
     lines = [f"### {group}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -56,8 +107,8 @@ def table(group: str, arms: dict[str, dict[int, dict[str, Any]]]) -> str:
         for p in points:
             accs = [q["accuracy"] for s in runs.values() for q in s.get("curve", []) if q["step"] == p]
             cells.append(fmt(*mean_se(accs)) if accs else "")
-        paired = [runs[s]["acc_after"] - dense[s]["acc_after"] for s in seeds if s in dense and arm != "dense"]
-        cells.append(fmt(*mean_se(paired), sign=True) + f" (n={len(paired)})" if paired else "-")
+        diffs = paired(arms, arm) if arm != "dense" else []
+        cells.append(fmt(*mean_se(diffs), sign=True) + f" (n={len(diffs)})" if diffs else "-")
         cells.append(f"{sum(r['train_s'] for r in runs.values()) / len(runs):.0f}")
         cells.append(str(runs[seeds[0]].get("pruned_layers", runs[seeds[0]].get("dense_layers", ""))))
         lines.append("| " + " | ".join(cells) + " |")
@@ -67,6 +118,7 @@ def table(group: str, arms: dict[str, dict[int, dict[str, Any]]]) -> str:
 def print_tables(out: Path) -> str:
     runs = load(out)
     text = "\n".join(table(g, arms) for g, arms in sorted(runs.items()))
+    text += "".join("\n" + across_tasks(runs, b) for b in sorted({budget_of(g) for g in runs}))
     print(text)
     return text
 

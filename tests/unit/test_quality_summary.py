@@ -142,3 +142,33 @@ def test_docs_tables_match_committed_results():
     assert new == text, "docs/results.md is out of date: python benchmarks/quality/update_docs.py"
     for path, table in copies.items():
         assert (ROOT / path).read_text() == table, path
+
+
+def write_run(out: Path, group: str, arm: str, seed: int, acc: float) -> None:
+    """One full-run cell in the format fullrun.py writes (the fields the tables read)."""
+    folder = out / group / f"{arm}#s{seed}"
+    folder.mkdir(parents=True)
+    curve = [{"step": 12, "accuracy": acc / 2}, {"step": 60, "accuracy": acc}]
+    rec = {"arm": arm, "seed": seed, "acc_after": acc, "curve": curve, "train_s": 100.0,
+           "dense_layers": 30, "pruned_layers": 30 if arm == "dense" else 21}  # fmt: skip
+    (folder / "summary.json").write_text(json.dumps(rec))
+
+
+def test_full_run_tables_pair_by_seed_share_dense_across_budgets_and_average_tasks(tmp_path):
+    fullrun = load_script("summarize_fullrun")
+    for seed, (dense, arm) in enumerate([(0.90, 0.85), (0.80, 0.79)]):
+        write_run(tmp_path, "intent_recognition_b30", "dense", seed, dense)
+        write_run(tmp_path, "intent_recognition_b30", "obd", seed, arm)
+    write_run(tmp_path, "intent_recognition_b40", "obd", 0, 0.70)  # dense borrowed from the 30% folder
+    write_run(tmp_path, "piqa_b30", "dense", 0, 0.60)
+    write_run(tmp_path, "piqa_b30", "obd", 0, 0.62)
+    write_run(tmp_path, "piqa_b30", "obd", 1, 0.50)  # no dense run of seed 1 on piqa: not paired
+    runs = fullrun.load(tmp_path)
+    assert fullrun.paired(runs["intent_recognition_b30"], "obd") == pytest.approx([-0.05, -0.01])
+    assert fullrun.paired(runs["intent_recognition_b40"], "obd") == pytest.approx([-0.20])
+    assert fullrun.paired(runs["piqa_b30"], "obd") == pytest.approx([0.02])
+    text = fullrun.print_tables(tmp_path)
+    assert "| obd | 0,1 | 41.0 ± 1.5 | 82.0 ± 3.0 | -3.0 ± 2.0 (n=2) | 100 | 21 |" in text
+    # over tasks: intent -3.0 (se 2.0), piqa +2.0 (one seed: no se) -> mean -0.5, no se
+    assert "| obd | -3.0 ± 2.0 (n=2) | +2.0 (n=1) | -0.5 | 2/2 |" in text
+    assert "| obd | -20.0 (n=1) | -20.0 | 1/1 |" in text  # the 40% table
