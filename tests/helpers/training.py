@@ -81,13 +81,20 @@ def single_process_run(
         opt.zero_grad()
         opt, sched = pruner.maybe_prune(opt, sched)
         losses.append(total)
+    return run_result({}, losses, pruner)
+
+
+def run_result(out: dict[str, Any], losses: list[float], pruner: GradPruner) -> dict[str, Any]:
+    """What every run returns for the comparison: its per-step losses, the scores, the plan and the merge
+    (None: resumed after the prune)."""
     assert pruner.plan is not None
-    return {
-        "losses": losses,
-        "scores": list(pruner.plan.scores),
-        "plan": pruner.plan.to_dict(),
-        "merge": pruner.report["merge"],
-    }
+    out.update(
+        losses=losses,
+        scores=list(pruner.plan.scores),
+        plan=pruner.plan.to_dict(),
+        merge=pruner.report["merge"] if pruner.report else None,
+    )
+    return out
 
 
 def make_model(num_layers: int, lora: bool):
@@ -208,18 +215,11 @@ def deepspeed_run(
             assert ckpt_dir is not None
             save_checkpoint(engine, pruner, ckpt_dir)
             return {"losses": losses}
-    assert pruner.plan is not None
     if instrument:  # the last loss of the window held the old autograd graph until the next step
         del loss
         gc.collect()
         out["old_engine_alive"] = old_ref() is not None
-    out.update(
-        losses=losses,
-        scores=list(pruner.plan.scores),
-        plan=pruner.plan.to_dict(),
-        merge=pruner.report["merge"] if pruner.report else None,  # None: resumed after the prune
-    )
-    return out
+    return run_result(out, losses, pruner)
 
 
 def fsdp2_run(
@@ -270,14 +270,7 @@ def fsdp2_run(
             gc.collect()
             out["bytes_after"] = live_tensor_bytes()
         losses.append(loss)
-    assert pruner.plan is not None
-    out.update(
-        losses=losses,
-        scores=list(pruner.plan.scores),
-        plan=pruner.plan.to_dict(),
-        merge=pruner.report["merge"] if pruner.report else None,  # None: resumed after the prune
-    )
-    return out
+    return run_result(out, losses, pruner)
 
 
 def fsdp2_step(
