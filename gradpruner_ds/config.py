@@ -123,8 +123,8 @@ class GradPrunerConfig(BaseModel):
     recovery: RecoveryConfig | None = Field(
         None,
         description='In-job recovery by self-distillation: {"distill_steps": K, "temperature": 2.0, "weight": 0.5}. '
-        "For K optimizer steps after the prune, pruner.distill(loss, logits, batch) adds KL(teacher || student) "
-        "on the same batch, the teacher being a frozen copy of the model just before the prune (no gradients, no "
+        "For K optimizer steps after the prune, pruner.distill(loss, logits, batch) returns (1 - weight) * loss + "
+        "weight * T^2 * KL(teacher || student) on the same batch (the loss logged meanwhile is that sum), the teacher being a frozen copy of the model just before the prune (no gradients, no "
         "optimizer state) laid out like the student (whole in one process and under ZeRO-1/2, each rank's shards "
         "under FSDP2), freed afterwards. With the HF Trainer, add_gradpruner adds the term to the Trainer's loss. "
         "Refused under ZeRO-3 and under FSDP2 with a peft-wrapped model.",
@@ -313,7 +313,8 @@ def _translate(exc: ValidationError) -> GradPrunerError:
         if ". Fix: " in rule:
             rule, fix = rule.split(". Fix: ", 1)
         else:
-            field = fields.get(loc)
+            parent, _, key = loc.rpartition(".")
+            field = RecoveryConfig.model_fields.get(key) if parent == "recovery" else fields.get(loc)
             fix = f"set '{loc}' as documented: {field.description}" if field else "see the config reference"
         msgs.append(f"'{loc}': {rule} (got {value!r}). Fix: {fix}")
     return GradPrunerError("gradpruner: invalid config: " + " | ".join(msgs))

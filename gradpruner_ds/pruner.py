@@ -97,6 +97,15 @@ class GradPruner:
         if config.enabled and config.output_dir is not None and self.backend.rank == 0:
             check_report_dir(Path(config.output_dir))
         self.distiller: Distiller | None = None
+        recovery = config.recovery
+        if config.enabled and recovery is not None and total_steps is not None:
+            left = total_steps - self.window
+            if recovery.distill_steps > left and self.backend.rank == 0:
+                log.warning(
+                    "recovery.distill_steps is %d but only %d steps follow the prune (%d steps, window %d): the "
+                    "teacher is kept, and distilled from, until the end of the run",
+                    recovery.distill_steps, left, total_steps, self.window,
+                )  # fmt: skip
         if config.enabled and config.recovery is not None and self.backend.teacher_refused is not None:
             raise user_error(
                 f"recovery (in-job distillation) needs a teacher laid out like the student: {self.backend.teacher_refused}",
@@ -543,7 +552,7 @@ class GradPruner:
                     "after_over_before": after / before if before and after else None,
                     "steps": [len(self._step_times[0]), STEP_TIMES],
                 }
-                self._write_report()
+                self._write_report(update=True)
 
     def _cut(self, plan: PrunePlan, optimizer: Any, lr_scheduler: Any) -> tuple[Any, Any]:
         """Remove the plan's layers, forget every reference to them, rebuild the optimizer/engine."""
@@ -567,9 +576,10 @@ class GradPruner:
         log.info("resuming a pruned run: replaying the plan's surgery (layers %s)", list(plan.removed))
         return self._cut(plan, optimizer, lr_scheduler)
 
-    def _write_report(self) -> None:
-        """Write the report on rank 0. A failure here (disk full, folder gone) must not end a run whose
-        expensive part is done: it is logged and training goes on."""
+    def _write_report(self, update: bool = False) -> None:
+        """Write the report on rank 0 (``update``: the same files again with the step times added). A failure
+        here (disk full, folder gone) must not end a run whose expensive part is done: it is logged and
+        training goes on."""
         if self.config.output_dir is None or self.backend.rank != 0:
             return
         assert self.plan is not None and self.report is not None
@@ -582,7 +592,10 @@ class GradPruner:
                 exc,
             )
             return
-        log.info("report written: %s", ", ".join(str(p) for p in paths))
+        if update:
+            log.debug("report updated with the step times: %s", ", ".join(str(p) for p in paths))
+        else:
+            log.info("report written: %s", ", ".join(str(p) for p in paths))
 
 
 def apply_surgery(model: nn.Module, plan: PrunePlan) -> list[nn.Parameter]:

@@ -59,6 +59,12 @@ class Distiller:
         self.teacher.eval()
         self.teacher.requires_grad_(False)
         self.steps_done = 0
+        log.info(
+            "recovery: distilling the pre-prune model into the pruned one for %d steps: loss = (1 - %g) * task "
+            "loss + %g * T^2 * KL(teacher || student), T = %g (the loss logged meanwhile is this sum); teacher "
+            "%.1f MB on this rank",
+            config.distill_steps, config.weight, config.weight, config.temperature, self.teacher_bytes() / 2**20,
+        )  # fmt: skip
         self._losses_this_step = 0  # loss() calls since the last step_done(): 0 means no distillation ran
         self._warned = False
 
@@ -111,6 +117,7 @@ class Distiller:
         if self.steps_done >= self.config.distill_steps:
             self.teacher = None
             release_memory()
+            log.info("recovery: %d distillation steps done, teacher freed", self.steps_done)
 
     def state_dict(self) -> dict[str, Any]:
         """Steps done and (while it lives) the teacher's weights: resuming mid-distillation needs them."""

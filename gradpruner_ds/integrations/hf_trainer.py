@@ -96,6 +96,7 @@ class GradPrunerCallback(TrainerCallback):
         self.trainer = trainer
         self.save_final = save_final
         self.pruner: GradPruner | None = None
+        self.adds_distillation = False  # add_gradpruner wraps the Trainer's compute_loss
         self._deepspeed = False
         self._resume: tuple[Path, dict[str, Any]] | None = None  # (gradpruner folder, its state.json)
         self._resumed_plan: PrunePlan | None = None  # a resumed run that was pruned before its checkpoint
@@ -194,9 +195,18 @@ class GradPrunerCallback(TrainerCallback):
                     "use a DeepSpeed config, an FSDP2-sharded model (fully_shard / DistributedConfig), or one process",
                 )
         self.config = self._with_output_dir(self.config, args)
+        self._check_distillation()
         if self._resumed_plan is None:
             self.pruner = GradPruner(model, self.config, total_steps=state.max_steps, backend=backend)
         self._restore()
+
+    def _check_distillation(self) -> None:
+        if self.config is not None and self.config.recovery is not None and not self.adds_distillation:
+            log.warning(
+                "the 'recovery' block asks for distillation after the prune, but a GradPrunerCallback passed in "
+                "callbacks=[...] cannot add the term to the Trainer's loss: use add_gradpruner(trainer, config) "
+                "instead (or call pruner.distill in your own compute_loss)"
+            )
 
     def _begin_deepspeed(self, args: Any, state: Any) -> None:
         from gradpruner_ds.backends.deepspeed import for_deepspeed
@@ -213,6 +223,7 @@ class GradPrunerCallback(TrainerCallback):
         cfg = self.config if self.config is not None else load_config(ds_config)
         assert cfg is not None
         self.config = self._with_output_dir(cfg, args)
+        self._check_distillation()
         self._deepspeed = True
         if self._resumed_plan is not None:
             self._restore()
@@ -353,6 +364,7 @@ def add_gradpruner(
             return (loss, outputs) if return_outputs else loss
 
         trainer.compute_loss = compute_loss_with_distillation
+        cb.adds_distillation = True
     return cb
 
 

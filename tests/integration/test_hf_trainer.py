@@ -318,6 +318,8 @@ def test_a_callback_without_the_trainer_warns_that_it_cannot_distill(tmp_path, c
             Trainer(model=tiny_llama(6), args=_kd_args(tmp_path), train_dataset=_Data(), callbacks=[cb]).train()
     finally:
         logging.getLogger("gradpruner_ds").propagate = False
+    at_start = [r for r in caplog.records if "cannot add the term to the Trainer's loss" in r.getMessage()]
+    assert at_start and "add_gradpruner(trainer, config)" in at_start[0].getMessage()  # before any step
     warned = [r for r in caplog.records if "added no distillation term" in r.getMessage()]
     assert len({id(r) for r in warned}) == 1  # once (caplog may list the same record twice)
     assert "add_gradpruner" in warned[0].getMessage()

@@ -169,3 +169,25 @@ def test_the_teacher_copy_carries_no_hooks_and_the_student_keeps_them():
         torch.testing.assert_close(teacher(input_ids=ids).logits, model(input_ids=ids).logits)
     assert seen == [2, 1]  # the student's hooks ran once, the teacher's forward ran none
     assert layer._forward_hooks and layer.self_attn._forward_pre_hooks_with_kwargs
+
+
+def test_the_distillation_is_logged_and_a_k_beyond_the_run_is_warned_about(caplog):
+    import logging
+
+    logging.getLogger("gradpruner_ds").propagate = True
+    try:
+        with caplog.at_level(logging.INFO, logger="gradpruner_ds"):
+            GradPruner(tiny_llama(6), _cfg(recovery={"distill_steps": 9}), total_steps=STEPS)
+            beyond = [r.getMessage() for r in caplog.records if "follow the prune" in r.getMessage()]
+            assert beyond and "distill_steps is 9 but only 5 steps follow the prune" in beyond[0]
+            caplog.clear()
+            data = batches(STEPS, seed=4)
+            model = tiny_llama(6)
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            _run(model, GradPruner(model, _cfg(), total_steps=STEPS), data, opt)
+    finally:
+        logging.getLogger("gradpruner_ds").propagate = False
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("recovery:")]
+    assert "loss = (1 - 0.5) * task loss + 0.5 * T^2 * KL" in said[0] and "teacher freed" in said[-1]
+    assert not [r for r in caplog.records if "follow the prune" in r.getMessage()]
