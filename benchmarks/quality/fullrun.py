@@ -19,6 +19,9 @@ through ``layers_to_remove``). Seeds (``--seeds``) change the data order; arms i
 every seed, the others with the first one only. The dense run does not depend on the budget: one dense run
 per task and seed serves every budget (run in the first budget's folder, found there by the others).
 
+Every run imports this checkout's ``gradpruner_ds`` (``PYTHONPATH``), so a grid run from a git worktree
+runs the worktree's code while the main checkout changes; its summary records the commit (``code``).
+
 Resumable: a run whose ``summary.json`` is in ``--out`` is skipped; runs write to a scratch folder
 (``--scratch``) and only the small result files are copied into ``--out`` when a run has finished.
 
@@ -130,6 +133,14 @@ def _train_cmd(args: argparse.Namespace, job: dict[str, Any], folder: Path, step
     ]  # fmt: skip
 
 
+def code_version() -> str:
+    """The commit of this checkout, ``+dirty`` when its package or launcher differs from it."""
+    git = ["git", "-C", str(ROOT)]
+    rev = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "gradpruner_ds", "launch"], capture_output=True, text=True)
+    return rev + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def run_job(args: argparse.Namespace, job: dict[str, Any]) -> str:
     """Run one grid cell (resumable: skipped when its summary is in ``--out``)."""
     final = Path(args.out) / job["group"] / job["id"]
@@ -143,7 +154,10 @@ def run_job(args: argparse.Namespace, job: dict[str, Any]) -> str:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     steps = run_steps(job["task"], args.max_steps, args.batch)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # this checkout's gradpruner_ds, not whatever the venv's editable install points at (a grid run from a
+    # worktree must run the worktree's code, and record which)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
     t0 = time.time()
     cmd = _train_cmd(args, job, folder, steps)
     cmd += ["--eval_at", ",".join(str(s) for s in eval_points(args.window, steps))]
@@ -170,8 +184,7 @@ def run_job(args: argparse.Namespace, job: dict[str, Any]) -> str:
     if proc.returncode != 0:
         return f"{job['group']}/{job['id']}: FAILED (exit {proc.returncode}), see {folder / 'train.log'}"
     summary = json.loads((folder / "summary.json").read_text())
-    code = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    summary.update(arm=arm, seed=job["seed"], wall_s=time.time() - t0, window=args.window, code=code.stdout.strip())
+    summary.update(arm=arm, seed=job["seed"], wall_s=time.time() - t0, window=args.window, code=code_version())
     if (folder / "gradpruner_report.json").exists():
         report = json.loads((folder / "gradpruner_report.json").read_text())
         summary["scores"] = [row["score"] for row in report["layers"]]
