@@ -127,7 +127,7 @@ class GradPrunerConfig(BaseModel):
         "weight * T^2 * KL(teacher || student) on the same batch (the loss logged meanwhile is that sum), the teacher being a frozen copy of the model just before the prune (no gradients, no "
         "optimizer state) laid out like the student (whole in one process and under ZeRO-1/2, each rank's shards "
         "under FSDP2), freed afterwards. With the HF Trainer, add_gradpruner adds the term to the Trainer's loss. "
-        "Refused under ZeRO-3 and under FSDP2 with a peft-wrapped model.",
+        "Refused under ZeRO-3, and under FSDP2 for peft adapters other than plain LoRA (DoRA, modules_to_save).",
     )
     observe_only: bool = Field(
         False,

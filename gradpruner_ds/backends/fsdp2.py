@@ -13,7 +13,9 @@ Where things are (torch 2.13, checked by tests/dist/test_fsdp2.py):
 The distillation teacher (``recovery``) is a second ``fully_shard``-ed copy of the model built the same way
 (same classes, same FSDP units, the same device mesh and mixed-precision policy) on the meta device, then
 filled from each rank's own shards: every rank holds its rows of the teacher, nothing is gathered outside
-the teacher's own forward. FSDP modules cannot be deep-copied, hence the rebuild.
+the teacher's own forward. FSDP modules cannot be deep-copied, hence the rebuild. A peft LoRA student's
+teacher is its base model's class with the adapters merged in on this rank's rows (``W + scaling * B @ A``;
+``A``, r x in, gathered whole); other adapter kinds are refused (``teacher_refused``).
 
 Continuing after the surgery needs no re-sharding: each decoder layer is its own FSDP unit and the kept
 parameters keep their shards, optimizer state included (the optimizer is pruned in place). Only the
@@ -40,6 +42,35 @@ from gradpruner_ds.errors import user_error
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _plain_class(m: nn.Module) -> type:
+    """The model class under FSDP2's dynamic ``FSDP<cls>`` subclass."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(m)
+    if not isinstance(m, FSDPModule):
+        return cls
+    return next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
+
+
+def _teacher_refused(model: nn.Module) -> str | None:
+    """Why a distillation teacher cannot be rebuilt for ``model`` (None: it can). The teacher is the base
+    model's class built from its config; a peft model's plain LoRA adapters are merged into it."""
+    if not hasattr(model, "peft_config"):
+        return (
+            None
+            if hasattr(model, "config")
+            else "the teacher is rebuilt from the model's config; it has none"
+        )
+    for name, m in model.named_modules():
+        if hasattr(m, "lora_A") and hasattr(m, "base_layer"):
+            plain = type(m).__name__ == "Linear" and not getattr(m, "fan_in_fan_out", False)
+            if not plain or any(getattr(m, "use_dora", {}).values()) or getattr(m, "lora_embedding_A", None):
+                return f"the LoRA layer {name!r} ({type(m).__name__}) is not a plain LoRA Linear"
+        if type(m).__name__ == "ModulesToSaveWrapper":
+            return f"peft's modules_to_save ({name!r}) are not supported"
+    return None
 
 
 def is_fsdp2(model: Any) -> bool:
@@ -73,11 +104,7 @@ class FSDP2Backend(ShardedBackend):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        if not hasattr(model, "config") or hasattr(model, "peft_config"):
-            self.teacher_refused = (
-                "under FSDP2 the teacher is rebuilt from the model's class and config, which needs a plain "
-                "transformers model (not peft-wrapped)"
-            )
+        self.teacher_refused = _teacher_refused(model)
 
     # ---- this rank's pieces ----------------------------------------------------------------------------
     def _frag(self, p: nn.Parameter) -> tuple[int, int]:
@@ -127,11 +154,18 @@ class FSDP2Backend(ShardedBackend):
         if self.teacher_refused is not None:
             raise AssertionError(self.teacher_refused)  # GradPruner checked this before any work
 
-        def plain_class(m: nn.Module) -> type:
-            cls = type(m)
-            if not isinstance(m, FSDPModule):
-                return cls
-            return next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
+        peft = hasattr(model, "peft_config")
+        base = model.get_base_model() if peft else model  # type: ignore[operator]
+
+        def t_name(name: str) -> str:
+            """A student name -> the teacher's (peft's prefix and ``base_layer`` gone)."""
+            if peft:
+                name = (
+                    ""
+                    if name in ("", "base_model", "base_model.model")
+                    else name.removeprefix("base_model.model.")
+                )
+            return name.replace(".base_layer.", ".").removesuffix(".base_layer")
 
         units: dict[str, Any] = {name: m for name, m in model.named_modules() if isinstance(m, FSDPModule)}
         for unit in units.values():  # the sharded parameters (a forward leaves the root's unsharded)
@@ -139,22 +173,38 @@ class FSDP2Backend(ShardedBackend):
         first = next(p for p in model.parameters())
         mesh = first.device_mesh  # type: ignore[attr-defined]
         with torch.device("meta"):
-            teacher = plain_class(model)(copy.deepcopy(model.config))  # type: ignore[call-arg]
+            teacher = _plain_class(base)(copy.deepcopy(base.config))
         teacher.to(dtype=first.dtype)
         t_modules = dict(teacher.named_modules())
+        sharded: set[str] = set()
         for name, unit in sorted(units.items(), key=lambda kv: -kv[0].count(".")):  # children before parents
-            t_unit: nn.Module = t_modules[name]
-            if plain_class(unit) is not type(t_unit):
-                raise AssertionError(f"teacher module {name!r} is a {type(t_unit).__name__}")
+            t = t_name(name)
+            if t in sharded:
+                continue
+            sharded.add(t)
+            t_unit: nn.Module = t_modules[t]
+            if not peft and _plain_class(unit) is not type(t_unit):
+                raise AssertionError(f"teacher module {t!r} is a {type(t_unit).__name__}")
             fully_shard(t_unit, mesh=mesh, mp_policy=unit._get_fsdp_state()._mp_policy)
         teacher.to_empty(device=_local(first).device)
         t_params = dict(teacher.named_parameters())
         t_buffers = dict(teacher.named_buffers())
         with torch.no_grad():
             for name, p in model.named_parameters():
-                _local(t_params[name].data).copy_(_local(p.data))
+                if ".lora_" not in name:
+                    _local(t_params[t_name(name)].data).copy_(_local(p.data))
             for name, b in model.named_buffers():
-                t_buffers[name].copy_(b)
+                t_buffers[t_name(name)].copy_(b)
+            if peft:  # LoRA merged in: W + scaling * B @ A, on this rank's rows (A is r x in: gathered whole)
+                for name, m in model.named_modules():
+                    if hasattr(m, "lora_A") and hasattr(m, "base_layer") and not m.merged:
+                        w = _local(t_params[t_name(name) + ".weight"].data)
+                        for a in m.active_adapters:
+                            if a in m.lora_A:
+                                b_rows = _local(m.lora_B[a].weight.data)
+                                a_full = m.lora_A[a].weight.data
+                                a_full = a_full.full_tensor() if hasattr(a_full, "full_tensor") else a_full
+                                w.add_((b_rows.float() @ a_full.float() * m.scaling[a]).to(w.dtype))
         teacher.requires_grad_(False)
         return teacher
 

@@ -41,11 +41,15 @@ def test_recovery_under_zero3_is_refused():
         run_ranks(deepspeed_run, 2, KD, STEPS, 3, MICRO, GAS, CLIP)
 
 
-def test_recovery_under_fsdp2_with_peft_is_refused():
-    """FSDP2 rebuilds the teacher from the model's class and config: a peft-wrapped model is refused before
-    any work, with the reason."""
-    with pytest.raises(AssertionError, match=r"gradpruner: recovery .*\(not peft-wrapped\)"):
-        run_ranks(fsdp2_run, 2, KD, STEPS, MICRO, GAS, CLIP, 6, True)
+def test_recovery_under_fsdp2_with_peft_lora_equals_single_process():
+    """A peft LoRA model under FSDP2: the teacher is the base class rebuilt and sharded like the student with
+    the adapters merged in on each rank's rows (W + scaling * B @ A); the run equals one process, whose
+    teacher is a copy of the peft model."""
+    ref = single_process_run(KD, STEPS, 2, MICRO, GAS, CLIP, lora=True)
+    plain = single_process_run(BLOCK, STEPS, 2, MICRO, GAS, CLIP, lora=True)
+    window = BLOCK["window_steps"]
+    assert ref["losses"][window] != pytest.approx(plain["losses"][window], abs=1e-4)  # the term is there
+    assert_matches(ref, run_ranks(fsdp2_run, 2, KD, STEPS, MICRO, GAS, CLIP, 6, True))
 
 
 def _fsdp2_distill(rank: int, world: int, ck: str, phase: str) -> dict:

@@ -191,3 +191,18 @@ def test_the_distillation_is_logged_and_a_k_beyond_the_run_is_warned_about(caplo
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("recovery:")]
     assert "loss = (1 - 0.5) * task loss + 0.5 * T^2 * KL" in said[0] and "teacher freed" in said[-1]
     assert not [r for r in caplog.records if "follow the prune" in r.getMessage()]
+
+
+def test_fsdp2_teacher_rebuild_accepts_plain_lora_and_names_what_it_cannot_merge():
+    """Under FSDP2 the teacher is the base model rebuilt from its config with plain LoRA merged in; DoRA and
+    modules_to_save are refused before any work (with the layer named)."""
+    from peft import LoraConfig, get_peft_model
+
+    from gradpruner_ds.backends.fsdp2 import _teacher_refused
+
+    assert _teacher_refused(tiny_llama(4)) is None
+    assert _teacher_refused(get_peft_model(tiny_llama(4), LoraConfig())) is None  # peft's defaults
+    dora = _teacher_refused(get_peft_model(tiny_llama(4), LoraConfig(use_dora=True)))
+    assert dora is not None and "not a plain LoRA Linear" in dora
+    saved = _teacher_refused(get_peft_model(tiny_llama(4), LoraConfig(modules_to_save=["lm_head"])))
+    assert saved is not None and "modules_to_save" in saved
