@@ -124,10 +124,12 @@ class GradPrunerConfig(BaseModel):
         None,
         description='In-job recovery by self-distillation: {"distill_steps": K, "temperature": 2.0, "weight": 0.5}. '
         "For K optimizer steps after the prune, pruner.distill(loss, logits, batch) returns (1 - weight) * loss + "
-        "weight * T^2 * KL(teacher || student) on the same batch (the loss logged meanwhile is that sum), the teacher being a frozen copy of the model just before the prune (no gradients, no "
-        "optimizer state) laid out like the student (whole in one process and under ZeRO-1/2, each rank's shards "
-        "under FSDP2), freed afterwards. With the HF Trainer, add_gradpruner adds the term to the Trainer's loss. "
-        "Refused under ZeRO-3, and under FSDP2 for peft adapters other than plain LoRA (DoRA, modules_to_save).",
+        "weight * T^2 * KL(teacher || student) on the same batch (the loss logged meanwhile is that sum), the "
+        "teacher being a frozen copy of the model just before the prune (no gradients, no optimizer state) laid "
+        "out like the student (whole in one process and under ZeRO-1/2; each rank's shards under ZeRO-3 and "
+        "FSDP2, gathered one layer at a time in its forward), freed afterwards. With the HF Trainer, "
+        "add_gradpruner adds the term to the Trainer's loss. Refused for peft models under ZeRO-3, and under "
+        "FSDP2 for adapters other than plain LoRA (DoRA, modules_to_save).",
     )
     observe_only: bool = Field(
         False,

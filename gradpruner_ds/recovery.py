@@ -13,7 +13,8 @@ the attention mask when there are no labels). Then the teacher is freed.
 The teacher is laid out like the student (the engine adapter's ``make_teacher``): one process and
 DeepSpeed ZeRO-1/2 keep whole weights (a whole copy), FSDP2 keeps each rank's shard (a copy of the
 ``fully_shard``-ed model: each rank holds its rows of the teacher, gathered layer by layer in its forward
-exactly like the student's). ZeRO-3 is refused (its partitioned parameters cannot be copied as modules).
+exactly like the student's), ZeRO-3 keeps each rank's slice of every parameter (``Zero3Teacher``: a module
+built on the meta device whose forward gathers one decoder layer at a time and frees it).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class Distiller:
         """Memory the teacher's weights take on this rank (what recovery costs until it is freed)."""
         if self.teacher is None:
             return 0
-        return sum(_local(p).numel() * p.element_size() for p in self.teacher.parameters())
+        return sum(_local(t).numel() * t.element_size() for t in self.teacher.state_dict().values())
 
     def loss(
         self, task_loss: torch.Tensor, student_logits: torch.Tensor, batch: Mapping[str, Any]

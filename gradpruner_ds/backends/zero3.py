@@ -22,10 +22,24 @@ from gradpruner_ds.core.igia import Key
 class Zero3Backend(DeepSpeedBackend):
     """ZeRO-3 pieces: a parameter's slice is ``[rank * part, rank * part + valid)``."""
 
-    teacher_refused = (
-        "a distillation teacher sharded like the student under ZeRO-3 is not implemented (ZeRO-3's partitioned "
-        "parameters cannot be copied as a module)"
-    )
+    teacher_refused: str | None = None
+
+    def __init__(self, engine: Any, ds_config: Mapping[str, Any]) -> None:
+        super().__init__(engine, ds_config)
+        self.teacher_refused = self.refusal(engine.module)
+
+    @staticmethod
+    def refusal(module: nn.Module) -> str | None:
+        """Why no teacher can be built for ``module`` under ZeRO-3 (None: it can)."""
+        if hasattr(module, "peft_config"):
+            return "under ZeRO-3 the teacher is rebuilt from the model's class and config; a peft model is refused"
+        return None
+
+    def make_teacher(self, model: nn.Module) -> nn.Module:
+        """A frozen teacher partitioned like the student (:class:`Zero3Teacher`): this rank's slices only."""
+        teacher = Zero3Teacher(model, self.group)
+        teacher.requires_grad_(False)
+        return teacher
 
     def _z3_valid(self, p: nn.Parameter) -> int:
         """Entries of ``p.ds_tensor`` that belong to the parameter (the rest is padding)."""
@@ -103,3 +117,88 @@ class Zero3Backend(DeepSpeedBackend):
         safe_set_local_fp32_param(p, entry["fp32"])
         for k in keys:
             safe_set_local_optimizer_state(p, entry[k], k)
+
+
+class Zero3Teacher(nn.Module):
+    """The distillation teacher under ZeRO-3, partitioned like the student: each rank keeps a copy of its own
+    slice of every parameter (``ds_tensor``), and the teacher's forward gathers one decoder layer at a time
+    (the embeddings, final norm and head for the whole forward) and frees it after the layer ran -- what
+    ZeRO-3 does for the student, without an engine (no optimizer, no gradients, no DeepSpeed hooks).
+
+    The module itself is built on the meta device from the student's class and config; ``state_dict()`` is
+    this rank's slices (what a checkpoint saves while the teacher lives)."""
+
+    inner: nn.Module
+
+    def __init__(self, model: nn.Module, group: Any) -> None:
+        super().__init__()
+        import copy
+
+        from gradpruner_ds.arch import decoder_layers
+
+        self.group = group
+        self.world = torch.distributed.get_world_size(group)
+        with torch.device("meta"):
+            inner = type(model)(copy.deepcopy(model.config))
+        inner.eval()
+        object.__setattr__(self, "inner", inner)  # not a submodule: its (meta) parameters are not state
+        self.shapes: dict[str, tuple[torch.Size, int]] = {}
+        for name, p in model.named_parameters():  # this rank's slices, copied (the student trains on)
+            self.register_buffer(_key(name), p.ds_tensor.detach().clone())
+            self.shapes[name] = (p.ds_shape, int(p.ds_numel))
+        student_buffers = dict(model.named_buffers())
+        for name, _ in inner.named_buffers():  # rotary tables and the like: whole on every rank
+            mod, _, attr = name.rpartition(".")
+            inner.get_submodule(mod)._buffers[attr] = student_buffers[name].detach().clone()
+        # every place a parameter sits (tied weights sit in two), grouped by decoder layer
+        places: dict[str, list[tuple[nn.Module, str]]] = {}
+        for name, _ in inner.named_parameters(remove_duplicate=False):
+            mod, _, attr = name.rpartition(".")
+            places.setdefault(name, []).append((inner.get_submodule(mod), attr))
+        canonical = {id(p): n for n, p in inner.named_parameters()}
+        alias = {n: canonical[id(p)] for n, p in inner.named_parameters(remove_duplicate=False)}
+        self.places = {
+            n: [pl for a, pls in places.items() if alias[a] == n for pl in pls] for n in self.shapes
+        }
+        layers = decoder_layers(inner)
+        by_layer: dict[int, list[str]] = {id(layer): [] for layer in layers}
+        layer_of = {id(m): id(layer) for layer in layers for m in layer.modules()}
+        outside: list[str] = []
+        for n in self.shapes:
+            owner = layer_of.get(id(self.places[n][0][0]))
+            (by_layer[owner] if owner is not None else outside).append(n)
+        for layer in layers:
+            names = by_layer[id(layer)]
+            layer.register_forward_pre_hook(lambda m, a, names=names: self._gather(names))
+            layer.register_forward_hook(lambda m, a, o, names=names: self._release(names))
+        self.outside = outside
+
+    def _gather(self, names: list[str]) -> None:
+        for n in names:
+            shard = getattr(self, _key(n))
+            pieces = [torch.empty_like(shard) for _ in range(self.world)]
+            torch.distributed.all_gather(pieces, shard, group=self.group)
+            shape, numel = self.shapes[n]
+            full = torch.cat(pieces)[:numel].view(shape)
+            for mod, attr in self.places[n]:
+                mod._parameters[attr] = nn.Parameter(full, requires_grad=False)
+
+    def _release(self, names: list[str]) -> None:
+        for n in names:
+            shape, _ = self.shapes[n]
+            empty = nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False)
+            for mod, attr in self.places[n]:
+                mod._parameters[attr] = empty
+
+    def forward(self, **inputs: Any) -> Any:
+        self._gather(self.outside)
+        try:
+            with torch.no_grad():
+                return self.inner(**inputs)
+        finally:
+            self._release(self.outside)
+
+
+def _key(name: str) -> str:
+    """A parameter name as a buffer name (no dots)."""
+    return name.replace(".", "__")

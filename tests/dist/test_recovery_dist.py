@@ -36,9 +36,10 @@ def test_recovery_under_zero12_equals_single_process(stage):
     assert_matches(reference(), run_ranks(deepspeed_run, 2, KD, STEPS, stage, MICRO, GAS, CLIP))
 
 
-def test_recovery_under_zero3_is_refused():
-    with pytest.raises(AssertionError, match="gradpruner: recovery .* ZeRO-3"):
-        run_ranks(deepspeed_run, 2, KD, STEPS, 3, MICRO, GAS, CLIP)
+def test_recovery_under_zero3_equals_single_process():
+    """ZeRO-3: the teacher keeps each rank's slice of every parameter and gathers one layer at a time in its
+    forward (``Zero3Teacher``); the run equals one process."""
+    assert_matches(reference(), run_ranks(deepspeed_run, 2, KD, STEPS, 3, MICRO, GAS, CLIP))
 
 
 def test_recovery_under_fsdp2_with_peft_lora_equals_single_process():
@@ -109,3 +110,15 @@ def test_fsdp2_resume_during_the_distillation_gives_the_uninterrupted_losses(tmp
         assert s["losses"] == pytest.approx(f["losses"][:stop], abs=1e-6)
         assert r["losses"] == pytest.approx(f["losses"][stop:], abs=1e-5)  # distillation steps 3, 4, then plain
         assert not r["distilling"]
+
+
+def test_zero3_resume_during_the_distillation_gives_the_uninterrupted_losses(tmp_path):
+    """ZeRO-3, saved two steps into the distillation (each rank's teacher slices in GradPruner's state) and
+    resumed in new processes: the remaining losses, distilled and plain, are the uninterrupted run's."""
+    full = run_ranks(deepspeed_run, 2, KD, STEPS, 3, MICRO, GAS, CLIP)
+    ck, stop = str(tmp_path / "ckpt"), KD["window_steps"] + 2
+    first = run_ranks(deepspeed_run, 2, KD, STEPS, 3, MICRO, GAS, CLIP, 6, False, False, False, ck, stop)
+    second = run_ranks(deepspeed_run, 2, KD, STEPS, 3, MICRO, GAS, CLIP, 6, False, False, False, ck, None, True)
+    for a, b, c in zip(full, first, second, strict=True):
+        assert len(b["losses"]) == stop
+        assert b["losses"] + c["losses"] == pytest.approx(a["losses"], abs=1e-6)

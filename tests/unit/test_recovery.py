@@ -105,25 +105,32 @@ def test_resume_during_the_distillation_gives_the_uninterrupted_losses(tmp_path)
     assert losses + rest == pytest.approx(expect, abs=1e-6)
 
 
-def test_recovery_is_refused_under_zero3_before_any_work():
+def test_recovery_is_refused_before_any_work_when_the_engine_cannot_hold_a_teacher():
+    """ZeRO-3 with a peft model: the teacher is rebuilt from the model's class, which a peft model is not; the
+    pruner refuses at construction, before any hook or statistic exists."""
+    from peft import LoraConfig, get_peft_model
+
     from gradpruner_ds.backends.zero3 import Zero3Backend
 
-    class TwoZero3Ranks(Zero3Backend):  # the real adapter's declaration, without an engine
+    class Engine:  # what Zero3Backend reads of a ZeRO-3 engine, around a peft model
+        module = get_peft_model(tiny_llama(4), LoraConfig())
+
+    class TwoZero3Ranks(Zero3Backend):  # the real adapter's refusal, without a process group
         def __new__(cls):
             return object.__new__(cls)
 
         def __init__(self):
             self.rank, self.world_size = 0, 2
+            self.teacher_refused = Zero3Backend.refusal(Engine.module)
 
         def check_settings(self, settings, timeout_s):
             self.timeout_s = timeout_s
 
-    model = tiny_llama(4)
-    with pytest.raises(
-        GradPrunerError, match="recovery .* needs a teacher laid out like the student: .*ZeRO-3"
-    ):
+    model = Engine.module
+    with pytest.raises(GradPrunerError, match="recovery .* needs a teacher laid out like the student: .*peft"):
         GradPruner(model, _cfg(), total_steps=STEPS, backend=TwoZero3Ranks())
-    assert not any(layer._forward_hooks for layer in model.model.layers)  # refused before any hook
+    assert not any(layer._forward_hooks for layer in model.base_model.model.model.layers)  # before any hook
+    assert Zero3Backend.refusal(tiny_llama(4)) is None
 
 
 def test_a_loop_that_never_calls_distill_is_warned_about(caplog):
