@@ -132,13 +132,12 @@ def test_trainer_deepspeed_resumes_from_its_checkpoint_after_the_prune(tmp_path,
 KD_BLOCK = {**BLOCK, "recovery": {"distill_steps": 2, "temperature": 2.0, "weight": 0.5}}
 
 
-@pytest.mark.skipif(tool("torchrun") is None, reason="torchrun not installed")
-def test_trainer_recovery_under_zero2_matches_single_process(tmp_path, single):
-    """The recovery block under the HF Trainer (``add_gradpruner`` adds the distillation term to the Trainer's
-    loss): ZeRO-2 on 2 ranks equals the single-process Trainer run with the same block, and the distilled
-    steps differ from the run without recovery exactly where the teacher lives."""
-    one = tmp_path / "single"
-    block = tmp_path / "block.json"
+@pytest.fixture(scope="module")
+def single_kd(tmp_path_factory, single) -> tuple[Path, dict[str, Any]]:
+    """The single-process Trainer run with a recovery block; its distilled steps differ from the run
+    without it exactly where the teacher lives."""
+    one = tmp_path_factory.mktemp("trainer_single_kd")
+    block = one / "block.json"
     block.write_text(json.dumps(KD_BLOCK))
     ref = check(one, launch([sys.executable, SCRIPT, *COMMON, "--per_device_batch", "4", "--gradpruner_config",
                              str(block), "--output_dir", str(one)]))  # fmt: skip
@@ -146,13 +145,21 @@ def test_trainer_recovery_under_zero2_matches_single_process(tmp_path, single):
     plain = single[1]["losses"]
     assert ref["losses"][:window] == pytest.approx(plain[:window], abs=1e-6)
     assert all(abs(a - b) > 1e-4 for a, b in zip(ref["losses"][window : window + 2], plain[window : window + 2]))
-    cfg = json.loads((ROOT / "configs" / "trainer_zero2.json").read_text())
+    return one, ref
+
+
+@pytest.mark.skipif(tool("torchrun") is None, reason="torchrun not installed")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_trainer_recovery_under_deepspeed_matches_single_process(tmp_path, single_kd, stage):
+    """The recovery block under the HF Trainer (``add_gradpruner`` adds the distillation term to the Trainer's
+    loss): ZeRO-2 (a whole teacher) and ZeRO-3 (a teacher partitioned like the student) on 2 ranks equal the
+    single-process Trainer run with the same block."""
+    cfg = json.loads((ROOT / "configs" / f"trainer_zero{stage}.json").read_text())
     cfg["gradpruner"] = KD_BLOCK
     (tmp_path / "ds.json").write_text(json.dumps(cfg))
-    two = tmp_path / "two"
     cmd = [tool("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), SCRIPT, *COMMON,
-           "--per_device_batch", "2", "--deepspeed", str(tmp_path / "ds.json"), "--output_dir", str(two)]
-    summary = check(two, launch(cmd))
+           "--per_device_batch", "2", "--deepspeed", str(tmp_path / "ds.json"), "--output_dir", str(tmp_path)]
+    summary = check(tmp_path, launch(cmd))
     assert summary["engine"] == "deepspeed" and summary["world"] == 2
-    same_run(summary, ref)
-    assert torch.allclose(final_logits(two), final_logits(one), atol=1e-4)
+    same_run(summary, single_kd[1])
+    assert torch.allclose(final_logits(tmp_path), final_logits(single_kd[0]), atol=1e-4)
