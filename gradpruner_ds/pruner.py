@@ -106,7 +106,7 @@ class GradPruner:
                     "teacher is kept, and distilled from, until the end of the run",
                     recovery.distill_steps, left, total_steps, self.window,
                 )  # fmt: skip
-        if config.enabled and config.recovery is not None and self.backend.teacher_refused is not None:
+        if config.enabled and recovery is not None and self.backend.teacher_refused is not None:
             raise user_error(
                 f"recovery (in-job distillation) needs a teacher laid out like the student: {self.backend.teacher_refused}",
                 type(self.backend).__name__,

@@ -132,6 +132,13 @@ class GradPrunerCallback(TrainerCallback):
             checkpoint,
             list(plan.removed),
         )
+        if any(folder.glob("stats_rank*.safetensors")):  # saved while the distillation teacher lived
+            log.warning(
+                "%s was saved during the recovery distillation after the prune; under the Trainer the resumed "
+                "run goes on WITHOUT the remaining distillation steps (the teacher is not restored here; a loop "
+                "of one's own restores it with load_pruner_state / gradpruner_ds.load_checkpoint)",
+                checkpoint,
+            )
 
     def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         """A callback passed in ``callbacks=[...]`` cannot see ``trainer.train(resume_from_checkpoint=...)``

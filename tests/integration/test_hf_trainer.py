@@ -324,3 +324,30 @@ def test_a_callback_without_the_trainer_warns_that_it_cannot_distill(tmp_path, c
     assert len({id(r) for r in warned}) == 1  # once (caplog may list the same record twice)
     assert "add_gradpruner" in warned[0].getMessage()
     assert cb.plan is not None and not cb.pruner.distilling
+
+
+def test_a_trainer_resume_saved_during_the_distillation_says_the_rest_is_skipped(tmp_path, caplog):
+    """A Trainer checkpoint saved while the teacher lived: the resumed Trainer run cannot restore the teacher,
+    and it says so instead of silently training without the remaining distillation steps."""
+    import logging
+
+    from gradpruner_ds.integrations.hf_trainer import add_gradpruner
+
+    args = _kd_args(tmp_path)
+    args.save_strategy, args.save_steps = "steps", 3
+    first = Trainer(model=tiny_llama(6), args=args, train_dataset=_Data())
+    add_gradpruner(first, KD_BLOCK)
+    first.train()
+    ckpt = tmp_path / "checkpoint-3"  # pruned after step 2; one of the 3 distillation steps done
+    assert (ckpt / "gradpruner" / "stats_rank0.safetensors").exists()  # the teacher's weights were saved
+    logging.getLogger("gradpruner_ds").propagate = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="gradpruner_ds"):
+            second = Trainer(model=tiny_llama(6), args=_kd_args(tmp_path / "second"), train_dataset=_Data())
+            cb = add_gradpruner(second, KD_BLOCK)
+            second.train(resume_from_checkpoint=str(ckpt))
+    finally:
+        logging.getLogger("gradpruner_ds").propagate = False
+    said = [r.getMessage() for r in caplog.records if "during the recovery distillation" in r.getMessage()]
+    assert said and "WITHOUT the remaining distillation steps" in said[0]
+    assert cb.plan is not None and second.state.global_step == 7
