@@ -56,20 +56,24 @@ def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def save_pruner_state(pruner: Any, folder: str | Path) -> None:
     """Write this rank's ``pruner.state_dict()`` into ``folder`` (call on every rank)."""
+    state = pruner.state_dict()
+    stats = state.pop("statistics")
+    write_state_files(folder, state, stats, pruner.backend.rank)
+
+
+def write_state_files(folder: str | Path, state: dict[str, Any], stats: dict[str, Any], rank: int) -> None:
+    """``state.json`` (rank 0) and this rank's statistics file: inside the window (a file even when nothing
+    is measured: checked on load) or during the distillation after the prune (``stats["recovery"]``)."""
     from safetensors.torch import save as st_save
 
     folder = Path(folder)
-    state = pruner.state_dict()
-    stats = state.pop("statistics")
-    rank = pruner.backend.rank
-    # inside the window (a file even when nothing is measured: checked on load) or during the distillation
     if state["plan"] is None or stats.get("recovery") is not None:
         tensors: dict[str, torch.Tensor] = {}
         skeleton = _split(stats, tensors, "s")
         blob = st_save(tensors, metadata={"skeleton": json.dumps(skeleton)})
         atomic_write_bytes(folder / f"stats_rank{rank}.safetensors", blob)
     if rank == 0:
-        meta = {"schema_version": STATE_SCHEMA_VERSION, "gradpruner_version": __version__, **state}
+        meta = {**state, "schema_version": STATE_SCHEMA_VERSION, "gradpruner_version": __version__}
         atomic_write_text(folder / "state.json", json.dumps(meta, indent=2, sort_keys=True))
 
 
@@ -99,7 +103,7 @@ def read_state(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _read_statistics(path: Path) -> dict[str, Any]:
+def read_statistics(path: Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     if not path.exists():
@@ -131,7 +135,7 @@ def load_pruner_state(pruner: Any, folder: str | Path) -> PrunePlan | None:
     if (state.get("plan") is None and state.get("world_size") == pruner.backend.world_size) or (
         state.get("plan") is not None and path.exists()  # saved during the distillation after the prune
     ):
-        stats = _read_statistics(path)
+        stats = read_statistics(path)
     else:  # after the prune nothing is measured any more; another world size is refused by the pruner
         stats = {"recovery": None}
     return pruner.load_state_dict({**state, "statistics": stats})

@@ -30,7 +30,6 @@ Under a DeepSpeed config the block may also live in the DeepSpeed config (``"gra
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,13 +40,20 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from gradpruner_ds.arch import unwrap_model
 from gradpruner_ds.backends.base import Backend
-from gradpruner_ds.checkpoint import SUBDIR, load_pruner_state, read_state, save_pruner_state
+from gradpruner_ds.checkpoint import (
+    SUBDIR,
+    load_pruner_state,
+    read_state,
+    read_statistics,
+    save_pruner_state,
+    write_state_files,
+)
 from gradpruner_ds.config import GradPrunerConfig, load_config
 from gradpruner_ds.core.plan import PrunePlan
 from gradpruner_ds.errors import user_error
-from gradpruner_ds.io import atomic_write_text
 from gradpruner_ds.log import get_logger
 from gradpruner_ds.pruner import GradPruner, apply_surgery
+from gradpruner_ds.recovery import Distiller
 
 log = get_logger("hf_trainer")
 
@@ -101,6 +107,7 @@ class GradPrunerCallback(TrainerCallback):
         self._resume: tuple[Path, dict[str, Any]] | None = None  # (gradpruner folder, its state.json)
         self._resumed_plan: PrunePlan | None = None  # a resumed run that was pruned before its checkpoint
         self._resumed_state: dict[str, Any] | None = None
+        self._resumed_distiller: Distiller | None = None  # resumed during the distillation after the prune
 
     @property
     def plan(self) -> PrunePlan | None:
@@ -120,7 +127,16 @@ class GradPrunerCallback(TrainerCallback):
         if state["plan"] is None or (self.config is not None and self.config.observe_only):
             return
         plan = PrunePlan.from_dict(state["plan"])
+        if self.config is not None and plan.config_digest != self.config.config_digest():
+            raise user_error(
+                "the gradpruner block must be the same as when the checkpoint was saved",
+                f"{checkpoint}: config digest {plan.config_digest[:12]}, now {self.config.config_digest()[:12]}",
+                "resume with the original gradpruner settings",
+            )
         if getattr(unwrap_model(model).config, "gradpruner", None) is None:  # not replayed yet
+            # saved while the distillation teacher lived: the teacher is the dense model's copy (made now,
+            # before the surgery), its saved weights loaded into it
+            self._resumed_distiller = self._resume_distiller(folder, model)
             apply_surgery(model, plan)
             from gradpruner_ds.backends.fsdp2 import FSDP2Backend, is_fsdp2
 
@@ -132,13 +148,43 @@ class GradPrunerCallback(TrainerCallback):
             checkpoint,
             list(plan.removed),
         )
-        if any(folder.glob("stats_rank*.safetensors")):  # saved while the distillation teacher lived
-            log.warning(
-                "%s was saved during the recovery distillation after the prune; under the Trainer the resumed "
-                "run goes on WITHOUT the remaining distillation steps (the teacher is not restored here; a loop "
-                "of one's own restores it with load_pruner_state / gradpruner_ds.load_checkpoint)",
-                checkpoint,
-            )
+
+    def _resume_distiller(self, folder: Path, model: Any) -> Distiller | None:
+        """The distillation teacher of a checkpoint saved during the recovery steps after the prune (its
+        ``stats_rank<r>`` file holds this rank's teacher weights and the steps done), else None."""
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        path = folder / f"stats_rank{rank}.safetensors"
+        if not path.exists():
+            return None
+        saved = read_statistics(path).get("recovery")
+        if saved is None:
+            return None
+        if self.config is None or self.config.recovery is None:  # the digest check would have caught a block
+            return None
+        distiller = Distiller(self.config.recovery, _teacher_of(model))
+        distiller.load_state_dict(saved)
+        log.info(
+            "resumed during the recovery distillation: %d of %d steps done, teacher restored",
+            distiller.steps_done,
+            self.config.recovery.distill_steps,
+        )
+        return distiller
+
+    # ---- the distillation (add_gradpruner's compute_loss) ----------------------------------------------
+    @property
+    def distilling(self) -> bool:
+        """True while the distillation teacher lives (after the prune, or resumed during its steps)."""
+        if self.pruner is not None:
+            return self.pruner.distilling
+        return self._resumed_distiller is not None and self._resumed_distiller.active
+
+    def distill(self, loss: torch.Tensor, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """``pruner.distill`` of the run, also when it resumed during the distillation."""
+        if self.pruner is not None:
+            return self.pruner.distill(loss, logits, batch)
+        if self._resumed_distiller is None:
+            return loss
+        return self._resumed_distiller.loss(loss, logits, batch)
 
     def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         """A callback passed in ``callbacks=[...]`` cannot see ``trainer.train(resume_from_checkpoint=...)``
@@ -171,11 +217,11 @@ class GradPrunerCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / SUBDIR
         if self.pruner is not None:
             save_pruner_state(self.pruner, folder)
-        elif self._resumed_plan is not None and getattr(args, "process_index", 0) == 0:
+        elif self._resumed_plan is not None:
             assert self._resumed_state is not None
-            atomic_write_text(
-                folder / "state.json", json.dumps(self._resumed_state, indent=2, sort_keys=True)
-            )
+            d = self._resumed_distiller
+            stats = {"recovery": d.state_dict() if d is not None and d.active else None}
+            write_state_files(folder, self._resumed_state, stats, getattr(args, "process_index", 0))
 
     # ---- start -----------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -262,6 +308,8 @@ class GradPrunerCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         if self.pruner is None:
+            if self._resumed_distiller is not None:  # resumed during the distillation: one more step done
+                self._resumed_distiller.step_done()
             return
         if not self.pruner.ready:  # a step of the window, or of the pruned model (timing, distillation count)
             self.pruner.maybe_prune()
@@ -362,12 +410,11 @@ def add_gradpruner(
         ) -> Any:
             """``Trainer.compute_loss`` plus, for ``recovery.distill_steps`` steps after the prune, the
             self-distillation term (:func:`distilled_loss`)."""
-            pruner = cb.pruner
-            if pruner is None or not pruner.distilling or not torch.is_grad_enabled():
+            if not cb.distilling or not torch.is_grad_enabled():
                 return compute_loss(model, inputs, return_outputs=return_outputs, **kw)
             batch = dict(inputs)  # compute_loss may pop "labels" from inputs
             loss, outputs = compute_loss(model, inputs, return_outputs=True, **kw)
-            loss = distilled_loss(pruner, loss, outputs, batch)
+            loss = distilled_loss(cb, loss, outputs, batch)
             return (loss, outputs) if return_outputs else loss
 
         trainer.compute_loss = compute_loss_with_distillation
@@ -375,8 +422,9 @@ def add_gradpruner(
     return cb
 
 
-def distilled_loss(pruner: GradPruner, loss: Any, outputs: Any, batch: Mapping[str, Any]) -> Any:
-    """The Trainer's micro-batch ``loss`` with the distillation term added at the same scale.
+def distilled_loss(pruner: Any, loss: Any, outputs: Any, batch: Mapping[str, Any]) -> Any:
+    """The Trainer's micro-batch ``loss`` with the distillation term added at the same scale (``pruner``: a
+    :class:`GradPruner` or the callback, anything with ``distill(loss, logits, batch)``).
 
     The Trainer's loss may be scaled for gradient accumulation and data parallelism (a token sum over the
     whole accumulated, all-rank batch times the number of processes) or be this micro-batch's mean; the
@@ -398,3 +446,20 @@ def distilled_loss(pruner: GradPruner, loss: Any, outputs: Any, batch: Mapping[s
                 factor = loss.detach().float() / mean_ce
     factor = factor.to(loss.device)
     return pruner.distill(loss / factor, logits, batch) * factor
+
+
+def _teacher_of(model: Any) -> Any:
+    """The distillation teacher for ``model`` as the Trainer holds it before its engine exists: sharded like
+    it under FSDP2 (``fully_shard``) and ZeRO-3 (parameters partitioned at load time), else a whole copy
+    (one process, ZeRO-1/2, whose engine does not partition the module's weights)."""
+    from gradpruner_ds.backends.fsdp2 import FSDP2Backend, is_fsdp2
+
+    if is_fsdp2(model):
+        return FSDP2Backend(model).make_teacher(model)
+    if any(hasattr(p, "ds_tensor") for p in model.parameters()):
+        from gradpruner_ds.backends.zero3 import Zero3Teacher
+
+        teacher = Zero3Teacher(model, None)
+        teacher.requires_grad_(False)
+        return teacher
+    return Backend().make_teacher(model)

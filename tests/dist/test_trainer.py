@@ -163,3 +163,32 @@ def test_trainer_recovery_under_deepspeed_matches_single_process(tmp_path, singl
     assert summary["engine"] == "deepspeed" and summary["world"] == 2
     same_run(summary, single_kd[1])
     assert torch.allclose(final_logits(tmp_path), final_logits(single_kd[0]), atol=1e-4)
+
+
+@pytest.mark.skipif(tool("torchrun") is None, reason="torchrun not installed")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_trainer_resume_during_the_distillation_matches_single_process(tmp_path, single_kd, stage):
+    """2 ranks under the HF Trainer: a run with the recovery block saves every step; a NEW run resumed from
+    checkpoint-3 (pruned after step 2, one of the 2 distillation steps done) restores each rank's piece of the
+    teacher (whole under ZeRO-2, partitioned under ZeRO-3) before the surgery, distills the remaining step,
+    and ends with the single-process run's losses and model. (The Trainer's FSDP2 path -- a model sharded
+    at load time -- cannot be checkpointed: transformers refuses it.)"""
+    cfg = json.loads((ROOT / "configs" / f"trainer_zero{stage}.json").read_text())
+    cfg["gradpruner"] = KD_BLOCK
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    base = [SCRIPT, *COMMON, "--per_device_batch", "2", "--deepspeed", str(tmp_path / "ds.json")]
+
+    def run(*extra: str) -> str:
+        return launch([tool("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), *base, *extra])
+
+    first = tmp_path / "first"
+    check(first, run("--save_steps", "1", "--output_dir", str(first)))
+    saved = first / "checkpoint-3" / "gradpruner"
+    assert {p.name for p in saved.glob("stats_rank*")} == {"stats_rank0.safetensors", "stats_rank1.safetensors"}
+    second = tmp_path / "second"
+    log = run("--output_dir", str(second), "--resume_from_checkpoint", str(first / "checkpoint-3"))
+    assert "1 of 2 steps done, teacher restored" in log and "teacher freed" in log
+    resumed = json.loads((second / "summary.json").read_text())
+    assert resumed["layers_after"] == KEPT and resumed["global_step"] == STEPS
+    assert resumed["losses"] == pytest.approx(single_kd[1]["losses"], abs=2e-5)
+    assert torch.allclose(final_logits(second), final_logits(single_kd[0]), atol=1e-4)

@@ -170,6 +170,19 @@ def test_trainer_resumes_from_its_own_checkpoint_inside_the_window_and_after_the
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "gradpruner_final").config.num_hidden_layers == 4
 
 
+def test_a_trainer_resume_with_other_gradpruner_settings_is_refused_before_any_work(tmp_path, uninterrupted):
+    """After the prune, the checkpoint's plan was made with the saved block: resuming with another one would
+    replay a surgery the settings did not make. Refused before the model is touched or anything written."""
+    from gradpruner_ds.integrations.hf_trainer import add_gradpruner
+
+    model = tiny_llama(6)
+    trainer = Trainer(model=model, args=_resume_args(tmp_path / "out", save=False), train_dataset=_Data())
+    add_gradpruner(trainer, {**BLOCK, "num_drop": 1})
+    with pytest.raises(ValueError, match="^gradpruner: the gradpruner block must be the same as when"):
+        trainer.train(resume_from_checkpoint=str(uninterrupted["out"] / "checkpoint-4"))
+    assert model.config.num_hidden_layers == 6 and not any((tmp_path / "out").iterdir())  # the Trainer made it
+
+
 def test_a_plain_callback_resumes_when_the_arguments_name_the_checkpoint(tmp_path, uninterrupted):
     """callbacks=[GradPrunerCallback(...)] sees TrainingArguments.resume_from_checkpoint at the Trainer's init
     (the example scripts' way); a checkpoint handed only to trainer.train() cannot be seen in time and the
@@ -326,28 +339,39 @@ def test_a_callback_without_the_trainer_warns_that_it_cannot_distill(tmp_path, c
     assert cb.plan is not None and not cb.pruner.distilling
 
 
-def test_a_trainer_resume_saved_during_the_distillation_says_the_rest_is_skipped(tmp_path, caplog):
-    """A Trainer checkpoint saved while the teacher lived: the resumed Trainer run cannot restore the teacher,
-    and it says so instead of silently training without the remaining distillation steps."""
-    import logging
-
+def test_a_trainer_resume_during_the_distillation_gives_the_uninterrupted_run(tmp_path):
+    """Trainer checkpoints saved while the teacher lived (pruned after step 2, 3 distillation steps): a new
+    Trainer resumed from checkpoint-3 (1 step done) restores the teacher -- the dense model's copy, made
+    before the surgery, with the saved weights -- distills for the 2 remaining steps, and saves checkpoint-4
+    with the teacher again; a third run from that one (2 done) distills 1 step. Every resumed run logs the
+    uninterrupted run's losses and ends with its model."""
     from gradpruner_ds.integrations.hf_trainer import add_gradpruner
 
-    args = _kd_args(tmp_path)
-    args.save_strategy, args.save_steps = "steps", 3
-    first = Trainer(model=tiny_llama(6), args=args, train_dataset=_Data())
+    args = _kd_args(tmp_path / "first")
+    args.save_strategy, args.save_steps = "steps", 1  # a resumed Trainer keeps the saved run's save_steps
+    first = _InOrder(model=(full := tiny_llama(6)), args=args, train_dataset=_Data())
     add_gradpruner(first, KD_BLOCK)
     first.train()
-    ckpt = tmp_path / "checkpoint-3"  # pruned after step 2; one of the 3 distillation steps done
+    want = [h["loss"] for h in first.state.log_history if "loss" in h]
+    ckpt = tmp_path / "first" / "checkpoint-3"  # pruned after step 2; one of the 3 distillation steps done
     assert (ckpt / "gradpruner" / "stats_rank0.safetensors").exists()  # the teacher's weights were saved
-    logging.getLogger("gradpruner_ds").propagate = True
-    try:
-        with caplog.at_level(logging.WARNING, logger="gradpruner_ds"):
-            second = Trainer(model=tiny_llama(6), args=_kd_args(tmp_path / "second"), train_dataset=_Data())
-            cb = add_gradpruner(second, KD_BLOCK)
-            second.train(resume_from_checkpoint=str(ckpt))
-    finally:
-        logging.getLogger("gradpruner_ds").propagate = False
-    said = [r.getMessage() for r in caplog.records if "during the recovery distillation" in r.getMessage()]
-    assert said and "WITHOUT the remaining distillation steps" in said[0]
-    assert cb.plan is not None and second.state.global_step == 7
+
+    def resume(out, checkpoint):
+        args = _kd_args(out)
+        args.save_strategy, args.save_steps = "steps", 1
+        trainer = _InOrder(model=(model := tiny_llama(6)), args=args, train_dataset=_Data())
+        cb = add_gradpruner(trainer, KD_BLOCK)
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+        assert cb.plan is not None and trainer.state.global_step == 7 and not cb.distilling  # teacher freed
+        assert [h["loss"] for h in trainer.state.log_history if "loss" in h] == pytest.approx(want, abs=2e-4)
+        torch.testing.assert_close(_logits(model), _logits(full), atol=1e-5, rtol=1e-4)
+        return cb
+
+    assert resume(tmp_path / "second", ckpt)._resumed_distiller.steps_done == 3
+    again = tmp_path / "second" / "checkpoint-4"  # saved by the resumed run: two steps done, teacher kept
+    assert (again / "gradpruner" / "stats_rank0.safetensors").exists()
+    assert resume(tmp_path / "third", again)._resumed_distiller.steps_done == 3
+    plain = _InOrder(model=tiny_llama(6), args=_kd_args(tmp_path / "plain"), train_dataset=_Data())
+    add_gradpruner(plain, BLOCK | {"window_steps": 2})  # the run without the recovery block differs
+    plain.train()
+    assert [h["loss"] for h in plain.state.log_history if "loss" in h][3] != pytest.approx(want[3], abs=1e-3)
