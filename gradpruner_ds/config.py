@@ -128,8 +128,8 @@ class GradPrunerConfig(BaseModel):
         "teacher being a frozen copy of the model just before the prune (no gradients, no optimizer state) laid "
         "out like the student (whole in one process and under ZeRO-1/2; each rank's shards under ZeRO-3 and "
         "FSDP2, gathered one layer at a time in its forward), freed afterwards. With the HF Trainer, "
-        "add_gradpruner adds the term to the Trainer's loss. Refused for peft models under ZeRO-3, and under "
-        "FSDP2 for adapters other than plain LoRA (DoRA, modules_to_save).",
+        "add_gradpruner adds the term to the Trainer's loss. Under ZeRO-3 and FSDP2 a peft model's teacher is its "
+        "base model with plain LoRA adapters merged in; other adapters (DoRA, modules_to_save) are refused there.",
     )
     observe_only: bool = Field(
         False,

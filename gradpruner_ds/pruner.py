@@ -110,8 +110,8 @@ class GradPruner:
             raise user_error(
                 f"recovery (in-job distillation) needs a teacher laid out like the student: {self.backend.teacher_refused}",
                 type(self.backend).__name__,
-                "remove the 'recovery' sub-block, or train on an engine that can hold the teacher: one process, "
-                "DeepSpeed ZeRO-1/2, or FSDP2 with a transformers model or plain LoRA adapters",
+                "remove the 'recovery' sub-block, or train a model whose teacher can be rebuilt: a transformers "
+                "model with plain LoRA adapters or none (one process and ZeRO-1/2 take any model)",
             )
         # last (no hook may outlive a failed check above): the statistics the criterion reads, plus IGIA for
         # the masks of a merge; nothing when disabled

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradpruner_ds.backends.sharded import ShardedBackend
+from gradpruner_ds.backends.sharded import ShardedBackend, teacher_name, teacher_refusal
 from gradpruner_ds.core.igia import Key
 from gradpruner_ds.diagnostics import release_memory
 from gradpruner_ds.errors import user_error
@@ -52,25 +52,6 @@ def _plain_class(m: nn.Module) -> type:
     if not isinstance(m, FSDPModule):
         return cls
     return next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
-
-
-def _teacher_refused(model: nn.Module) -> str | None:
-    """Why a distillation teacher cannot be rebuilt for ``model`` (None: it can). The teacher is the base
-    model's class built from its config; a peft model's plain LoRA adapters are merged into it."""
-    if not hasattr(model, "peft_config"):
-        return (
-            None
-            if hasattr(model, "config")
-            else "the teacher is rebuilt from the model's config; it has none"
-        )
-    for name, m in model.named_modules():
-        if hasattr(m, "lora_A") and hasattr(m, "base_layer"):
-            plain = type(m).__name__ == "Linear" and not getattr(m, "fan_in_fan_out", False)
-            if not plain or any(getattr(m, "use_dora", {}).values()) or getattr(m, "lora_embedding_A", None):
-                return f"the LoRA layer {name!r} ({type(m).__name__}) is not a plain LoRA Linear"
-        if type(m).__name__ == "ModulesToSaveWrapper":
-            return f"peft's modules_to_save ({name!r}) are not supported"
-    return None
 
 
 def is_fsdp2(model: Any) -> bool:
@@ -104,7 +85,7 @@ class FSDP2Backend(ShardedBackend):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        self.teacher_refused = _teacher_refused(model)
+        self.teacher_refused = teacher_refusal(model)
 
     # ---- this rank's pieces ----------------------------------------------------------------------------
     def _frag(self, p: nn.Parameter) -> tuple[int, int]:
@@ -157,16 +138,6 @@ class FSDP2Backend(ShardedBackend):
         peft = hasattr(model, "peft_config")
         base = model.get_base_model() if peft else model  # type: ignore[operator]
 
-        def t_name(name: str) -> str:
-            """A student name -> the teacher's (peft's prefix and ``base_layer`` gone)."""
-            if peft:
-                name = (
-                    ""
-                    if name in ("", "base_model", "base_model.model")
-                    else name.removeprefix("base_model.model.")
-                )
-            return name.replace(".base_layer.", ".").removesuffix(".base_layer")
-
         units: dict[str, Any] = {name: m for name, m in model.named_modules() if isinstance(m, FSDPModule)}
         for unit in units.values():  # the sharded parameters (a forward leaves the root's unsharded)
             unit.reshard()
@@ -178,7 +149,7 @@ class FSDP2Backend(ShardedBackend):
         t_modules = dict(teacher.named_modules())
         sharded: set[str] = set()
         for name, unit in sorted(units.items(), key=lambda kv: -kv[0].count(".")):  # children before parents
-            t = t_name(name)
+            t = teacher_name(name, peft)
             if t in sharded:
                 continue
             sharded.add(t)
@@ -192,13 +163,13 @@ class FSDP2Backend(ShardedBackend):
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if ".lora_" not in name:
-                    _local(t_params[t_name(name)].data).copy_(_local(p.data))
+                    _local(t_params[teacher_name(name, peft)].data).copy_(_local(p.data))
             for name, b in model.named_buffers():
-                t_buffers[t_name(name)].copy_(b)
+                t_buffers[teacher_name(name, peft)].copy_(b)
             if peft:  # LoRA merged in: W + scaling * B @ A, on this rank's rows (A is r x in: gathered whole)
                 for name, m in model.named_modules():
                     if hasattr(m, "lora_A") and hasattr(m, "base_layer") and not m.merged:
-                        w = _local(t_params[t_name(name) + ".weight"].data)
+                        w = _local(t_params[teacher_name(name, peft) + ".weight"].data)
                         for a in m.active_adapters:
                             if a in m.lora_A:
                                 b_rows = _local(m.lora_B[a].weight.data)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gradpruner_ds.backends.deepspeed import DeepSpeedBackend
+from gradpruner_ds.backends.sharded import teacher_name, teacher_refusal
 from gradpruner_ds.core.igia import Key
 
 
@@ -30,10 +31,9 @@ class Zero3Backend(DeepSpeedBackend):
 
     @staticmethod
     def refusal(module: nn.Module) -> str | None:
-        """Why no teacher can be built for ``module`` under ZeRO-3 (None: it can)."""
-        if hasattr(module, "peft_config"):
-            return "under ZeRO-3 the teacher is rebuilt from the model's class and config; a peft model is refused"
-        return None
+        """Why no teacher can be built for ``module`` under ZeRO-3 (None: it can): as under FSDP2, the
+        teacher is rebuilt from the (base) model's class and config, plain LoRA adapters merged in."""
+        return teacher_refusal(module)
 
     def make_teacher(self, model: nn.Module) -> nn.Module:
         """A frozen teacher partitioned like the student (:class:`Zero3Teacher`): this rank's slices only."""
@@ -125,8 +125,9 @@ class Zero3Teacher(nn.Module):
     (the embeddings, final norm and head for the whole forward) and frees it after the layer ran -- what
     ZeRO-3 does for the student, without an engine (no optimizer, no gradients, no DeepSpeed hooks).
 
-    The module itself is built on the meta device from the student's class and config; ``state_dict()`` is
-    this rank's slices (what a checkpoint saves while the teacher lives)."""
+    The module itself is built on the meta device from the student's class and config (a peft student's base
+    model, its plain LoRA adapters merged into the slices: :meth:`_merge_lora`); ``state_dict()`` is this
+    rank's slices (what a checkpoint saves while the teacher lives)."""
 
     inner: nn.Module
 
@@ -138,15 +139,21 @@ class Zero3Teacher(nn.Module):
 
         self.group = group
         self.world = torch.distributed.get_world_size(group)
+        peft = hasattr(model, "peft_config")
+        base = model.get_base_model() if peft else model  # type: ignore[operator]
         with torch.device("meta"):
-            inner = type(model)(copy.deepcopy(model.config))
+            inner = type(base)(copy.deepcopy(base.config))
         inner.eval()
         object.__setattr__(self, "inner", inner)  # not a submodule: its (meta) parameters are not state
         self.shapes: dict[str, tuple[torch.Size, int]] = {}
         for name, p in model.named_parameters():  # this rank's slices, copied (the student trains on)
-            self.register_buffer(_key(name), p.ds_tensor.detach().clone())
-            self.shapes[name] = (p.ds_shape, int(p.ds_numel))
-        student_buffers = dict(model.named_buffers())
+            if ".lora_" not in name:
+                t = teacher_name(name, peft)
+                self.register_buffer(_key(t), p.ds_tensor.detach().clone())
+                self.shapes[t] = (p.ds_shape, int(p.ds_numel))
+        if peft:
+            self._merge_lora(model)
+        student_buffers = {teacher_name(n, peft): b for n, b in model.named_buffers()}
         for name, _ in inner.named_buffers():  # rotary tables and the like: whole on every rank
             mod, _, attr = name.rpartition(".")
             inner.get_submodule(mod)._buffers[attr] = student_buffers[name].detach().clone()
@@ -172,6 +179,34 @@ class Zero3Teacher(nn.Module):
             layer.register_forward_pre_hook(lambda m, a, names=names: self._gather(names))
             layer.register_forward_hook(lambda m, a, o, names=names: self._release(names))
         self.outside = outside
+
+    def _merge_lora(self, model: nn.Module) -> None:
+        """Plain LoRA adapters merged into this rank's slice of each base weight: ``W + scaling * B @ A`` on
+        the entries of the flattened ``W`` the slice holds (only the rows of ``B`` they touch; ``A`` and ``B``,
+        small, gathered whole -- a collective, in the same module order on every rank)."""
+        from deepspeed import zero
+
+        rank = torch.distributed.get_rank(self.group)
+        with torch.no_grad():
+            for name, m in model.named_modules():
+                if not (hasattr(m, "lora_A") and hasattr(m, "base_layer")) or m.merged:
+                    continue
+                w = m.base_layer.weight
+                piece = getattr(self, _key(teacher_name(name, True) + ".weight"))
+                start = rank * piece.numel()
+                n = max(0, min(piece.numel(), int(w.ds_numel) - start))
+                cols = int(w.ds_shape[1])
+                for a in m.active_adapters:
+                    if a not in m.lora_A:
+                        continue
+                    factors = [m.lora_A[a].weight, m.lora_B[a].weight]
+                    with zero.GatheredParameters(factors):
+                        if n == 0:
+                            continue
+                        first, last = start // cols, (start + n - 1) // cols + 1
+                        rows = factors[1].data[first:last].float() @ factors[0].data.float() * m.scaling[a]
+                        offset = start - first * cols
+                        piece[:n] += rows.reshape(-1)[offset : offset + n].to(piece.dtype)
 
     def _gather(self, names: list[str]) -> None:
         for n in names:

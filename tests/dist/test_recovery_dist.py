@@ -1,7 +1,7 @@
 """In-job recovery (self-distillation from the pre-prune model) on real gloo ranks: the teacher is laid out
 like the student (whole under ZeRO-1/2, each rank's shards under FSDP2) and the run equals the
-single-process run of the same computation (plan, merge, every loss, the distillation steps included);
-ZeRO-3 is refused before any work."""
+single-process run of the same computation (plan, merge, every loss, the distillation steps included),
+with and without peft LoRA adapters."""
 
 from __future__ import annotations
 
@@ -42,15 +42,32 @@ def test_recovery_under_zero3_equals_single_process():
     assert_matches(reference(), run_ranks(deepspeed_run, 2, KD, STEPS, 3, MICRO, GAS, CLIP))
 
 
+_lora_ref: list[dict] = []
+
+
+def lora_reference() -> dict:
+    """The single-process run of a peft LoRA model with the recovery block (its teacher: a copy of the peft
+    model); the term is there (the first step after the prune differs from the run without it)."""
+    if not _lora_ref:
+        _lora_ref.append(single_process_run(KD, STEPS, 2, MICRO, GAS, CLIP, lora=True))
+        plain = single_process_run(BLOCK, STEPS, 2, MICRO, GAS, CLIP, lora=True)
+        window = BLOCK["window_steps"]
+        assert _lora_ref[0]["losses"][window] != pytest.approx(plain["losses"][window], abs=1e-4)
+    return _lora_ref[0]
+
+
 def test_recovery_under_fsdp2_with_peft_lora_equals_single_process():
     """A peft LoRA model under FSDP2: the teacher is the base class rebuilt and sharded like the student with
-    the adapters merged in on each rank's rows (W + scaling * B @ A); the run equals one process, whose
-    teacher is a copy of the peft model."""
-    ref = single_process_run(KD, STEPS, 2, MICRO, GAS, CLIP, lora=True)
-    plain = single_process_run(BLOCK, STEPS, 2, MICRO, GAS, CLIP, lora=True)
-    window = BLOCK["window_steps"]
-    assert ref["losses"][window] != pytest.approx(plain["losses"][window], abs=1e-4)  # the term is there
-    assert_matches(ref, run_ranks(fsdp2_run, 2, KD, STEPS, MICRO, GAS, CLIP, 6, True))
+    the adapters merged in on each rank's rows (W + scaling * B @ A); the run equals one process."""
+    assert_matches(lora_reference(), run_ranks(fsdp2_run, 2, KD, STEPS, MICRO, GAS, CLIP, 6, True))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_recovery_with_peft_lora_under_deepspeed_equals_single_process(stage):
+    """A peft LoRA model under ZeRO-2 (the teacher: a whole copy of the peft model) and ZeRO-3 (the base class
+    rebuilt, each rank's slices with the adapters merged into them, gathered one layer at a time): the run
+    equals one process."""
+    assert_matches(lora_reference(), run_ranks(deepspeed_run, 2, KD, STEPS, stage, MICRO, GAS, CLIP, 6, True))
 
 
 def _fsdp2_distill(rank: int, world: int, ck: str, phase: str) -> dict:

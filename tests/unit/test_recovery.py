@@ -106,14 +106,14 @@ def test_resume_during_the_distillation_gives_the_uninterrupted_losses(tmp_path)
 
 
 def test_recovery_is_refused_before_any_work_when_the_engine_cannot_hold_a_teacher():
-    """ZeRO-3 with a peft model: the teacher is rebuilt from the model's class, which a peft model is not; the
-    pruner refuses at construction, before any hook or statistic exists."""
+    """ZeRO-3 with a DoRA model: the teacher is rebuilt from the base model's class with plain LoRA merged in,
+    which DoRA is not; the pruner refuses at construction, before any hook or statistic exists."""
     from peft import LoraConfig, get_peft_model
 
     from gradpruner_ds.backends.zero3 import Zero3Backend
 
     class Engine:  # what Zero3Backend reads of a ZeRO-3 engine, around a peft model
-        module = get_peft_model(tiny_llama(4), LoraConfig())
+        module = get_peft_model(tiny_llama(4), LoraConfig(use_dora=True))
 
     class TwoZero3Ranks(Zero3Backend):  # the real adapter's refusal, without a process group
         def __new__(cls):
@@ -127,10 +127,11 @@ def test_recovery_is_refused_before_any_work_when_the_engine_cannot_hold_a_teach
             self.timeout_s = timeout_s
 
     model = Engine.module
-    with pytest.raises(GradPrunerError, match="recovery .* needs a teacher laid out like the student: .*peft"):
+    with pytest.raises(GradPrunerError, match="recovery .* needs a teacher laid out like the student: .*not a plain LoRA"):
         GradPruner(model, _cfg(), total_steps=STEPS, backend=TwoZero3Ranks())
     assert not any(layer._forward_hooks for layer in model.base_model.model.model.layers)  # before any hook
     assert Zero3Backend.refusal(tiny_llama(4)) is None
+    assert Zero3Backend.refusal(get_peft_model(tiny_llama(4), LoraConfig())) is None  # plain LoRA: merged in
 
 
 def test_a_loop_that_never_calls_distill_is_warned_about(caplog):
@@ -205,11 +206,11 @@ def test_fsdp2_teacher_rebuild_accepts_plain_lora_and_names_what_it_cannot_merge
     modules_to_save are refused before any work (with the layer named)."""
     from peft import LoraConfig, get_peft_model
 
-    from gradpruner_ds.backends.fsdp2 import _teacher_refused
+    from gradpruner_ds.backends.sharded import teacher_refusal
 
-    assert _teacher_refused(tiny_llama(4)) is None
-    assert _teacher_refused(get_peft_model(tiny_llama(4), LoraConfig())) is None  # peft's defaults
-    dora = _teacher_refused(get_peft_model(tiny_llama(4), LoraConfig(use_dora=True)))
+    assert teacher_refusal(tiny_llama(4)) is None
+    assert teacher_refusal(get_peft_model(tiny_llama(4), LoraConfig())) is None  # peft's defaults
+    dora = teacher_refusal(get_peft_model(tiny_llama(4), LoraConfig(use_dora=True)))
     assert dora is not None and "not a plain LoRA Linear" in dora
-    saved = _teacher_refused(get_peft_model(tiny_llama(4), LoraConfig(modules_to_save=["lm_head"])))
+    saved = teacher_refusal(get_peft_model(tiny_llama(4), LoraConfig(modules_to_save=["lm_head"])))
     assert saved is not None and "modules_to_save" in saved
