@@ -419,6 +419,21 @@ def add_gradpruner(
 
         trainer.compute_loss = compute_loss_with_distillation
         cb.adds_distillation = True
+        custom = [
+            what
+            for what, on in (
+                ("label smoothing (label_smoothing_factor)", getattr(trainer, "label_smoother", None)),
+                ("a custom compute_loss_func", getattr(trainer, "compute_loss_func", None)),
+            )
+            if on is not None
+        ]
+        if custom:
+            log.warning(
+                "the Trainer computes its loss with %s: the distillation term's gradient-accumulation scale is "
+                "read off that loss as loss / (the micro-batch's mean cross-entropy), which is exact only for the "
+                "plain cross-entropy loss; here the term's weight is off by the ratio of the two losses",
+                " and ".join(custom),
+            )
     return cb
 
 

@@ -339,6 +339,28 @@ def test_a_callback_without_the_trainer_warns_that_it_cannot_distill(tmp_path, c
     assert cb.plan is not None and not cb.pruner.distilling
 
 
+def test_a_trainer_loss_the_distillation_scale_cannot_read_exactly_is_warned_about(tmp_path, caplog):
+    """The distillation term's scale is read off the Trainer's loss as loss / mean cross-entropy: exact for the
+    plain loss (no warning), approximate with label smoothing, which add_gradpruner says when it is added."""
+    import logging
+
+    from gradpruner_ds.integrations.hf_trainer import add_gradpruner
+
+    logging.getLogger("gradpruner_ds").propagate = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="gradpruner_ds"):
+            add_gradpruner(Trainer(model=tiny_llama(6), args=_kd_args(tmp_path), train_dataset=_Data()), KD_BLOCK)
+            plain = [r.getMessage() for r in caplog.records if "scale is read off" in r.getMessage()]
+            args = _kd_args(tmp_path)
+            args.label_smoothing_factor = 0.1
+            add_gradpruner(Trainer(model=tiny_llama(6), args=args, train_dataset=_Data()), KD_BLOCK)
+            add_gradpruner(Trainer(model=tiny_llama(6), args=args, train_dataset=_Data()), BLOCK)  # no recovery
+    finally:
+        logging.getLogger("gradpruner_ds").propagate = False
+    said = {r.getMessage() for r in caplog.records if "scale is read off" in r.getMessage()}
+    assert not plain and len(said) == 1 and "label smoothing" in said.pop()
+
+
 def test_a_trainer_resume_during_the_distillation_gives_the_uninterrupted_run(tmp_path):
     """Trainer checkpoints saved while the teacher lived (pruned after step 2, 3 distillation steps): a new
     Trainer resumed from checkpoint-3 (1 step done) restores the teacher -- the dense model's copy, made
