@@ -30,16 +30,19 @@ class RecoveryConfig(BaseModel):
 
     distill_steps: int = Field(
         ge=1,
-        description="Optimizer steps after the prune during which the KL term is added; then the teacher is freed.",
+        description="Required, an integer >= 1: the optimizer steps after the prune during which the KL term is "
+        "added; then the teacher is freed.",
     )
     temperature: float = Field(
-        2.0, gt=0.0, description="Softmax temperature of teacher and student (KL scaled by T^2)."
+        2.0,
+        gt=0.0,
+        description="A number > 0 (default 2.0): the softmax temperature of teacher and student (KL scaled by T^2).",
     )
     weight: float = Field(
         0.5,
         gt=0.0,
         le=1.0,
-        description="loss = (1 - weight) * task loss + weight * T^2 * KL(teacher || student).",
+        description="A number in (0, 1] (default 0.5): loss = (1 - weight) * task loss + weight * T^2 * KL(teacher || student).",
     )
 
 
@@ -368,6 +371,10 @@ def config_reference_markdown() -> str:
         )
         default = f.default_factory() if f.default_factory is not None else f.default  # type: ignore[call-arg]
         rows.append(f"| `{name}` | {ann} | `{json.dumps(default)}` | {f.description} |")
+        if name == "recovery":  # its sub-block's keys
+            for sub, g in RecoveryConfig.model_fields.items():
+                value = "required" if g.is_required() else f"`{json.dumps(g.default)}`"
+                rows.append(f"| `recovery.{sub}` | {g.annotation.__name__} | {value} | {g.description} |")  # type: ignore[union-attr]
     return "\n".join(rows) + "\n"
 
 

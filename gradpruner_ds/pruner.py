@@ -48,10 +48,12 @@ STEP_TIMES = 5
 
 
 def count_params(model: nn.Module, backend: EngineAdapter | None = None) -> int:
-    """Total number of model parameters (whole tensors, also when the engine shards them)."""
+    """Number of parameters of the model as it is saved (whole tensors, also when the engine shards them):
+    peft LoRA adapters are not counted, since the saved model has them merged into the weights they adapt."""
     total = 0
-    for p in model.parameters():
-        total += backend.global_numel(p) if backend is not None else p.numel()  # type: ignore[arg-type]
+    for name, p in model.named_parameters():
+        if ".lora_" not in name:
+            total += backend.global_numel(p) if backend is not None else p.numel()  # type: ignore[arg-type]
     return total
 
 
@@ -470,6 +472,7 @@ class GradPruner:
         else:
             if self.config.recovery is not None:  # the teacher: the model just before the prune
                 self.distiller = Distiller(self.config.recovery, self.backend.make_teacher(self.model))
+                self.distiller.announce()
             merge_stats = self.merge(plan)
             optimizer, lr_scheduler = self._cut(plan, optimizer, lr_scheduler)
             params_after = count_params(self.model, self.backend)

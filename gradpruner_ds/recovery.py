@@ -60,24 +60,33 @@ class Distiller:
         self.teacher.eval()
         self.teacher.requires_grad_(False)
         self.steps_done = 0
+        self._losses_this_step = 0  # loss() calls since the last step_done(): 0 means no distillation ran
+        self._warned = False
+
+    def announce(self) -> None:
+        """Log the distillation's start (at the prune)."""
+        c = self.config
         log.info(
             "recovery: distilling the pre-prune model into the pruned one for %d steps: loss = (1 - %g) * task "
             "loss + %g * T^2 * KL(teacher || student), T = %g (the loss logged meanwhile is this sum); teacher "
-            "%.1f MB on this rank",
-            config.distill_steps, config.weight, config.weight, config.temperature, self.teacher_bytes() / 2**20,
+            "%.1f MiB on this rank",
+            c.distill_steps, c.weight, c.weight, c.temperature, self.teacher_bytes() / 2**20,
         )  # fmt: skip
-        self._losses_this_step = 0  # loss() calls since the last step_done(): 0 means no distillation ran
-        self._warned = False
 
     @property
     def active(self) -> bool:
         return self.teacher is not None
 
     def teacher_bytes(self) -> int:
-        """Memory the teacher's weights take on this rank (what recovery costs until it is freed)."""
+        """Memory the teacher's weights take on this rank (what recovery costs until it is freed); a weight
+        shared by two modules (tied embeddings and head) counts once."""
         if self.teacher is None:
             return 0
-        return sum(_local(t).numel() * t.element_size() for t in self.teacher.state_dict().values())
+        seen: dict[int, int] = {}
+        for t in self.teacher.state_dict().values():
+            local = _local(t)
+            seen[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+        return sum(seen.values())
 
     def loss(
         self, task_loss: torch.Tensor, student_logits: torch.Tensor, batch: Mapping[str, Any]
@@ -139,3 +148,7 @@ class Distiller:
         with torch.no_grad():  # into this rank's pieces (sharded teachers hold their shard only)
             for k, v in self.teacher.state_dict().items():
                 _local(v).copy_(saved[k])
+        log.info(
+            "recovery resumed: %d of %d steps done, teacher restored (%.1f MiB on this rank)",
+            self.steps_done, self.config.distill_steps, self.teacher_bytes() / 2**20,
+        )  # fmt: skip

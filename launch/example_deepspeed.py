@@ -41,7 +41,8 @@ for _step in range(args.steps):
     for _ in range(engine.gradient_accumulation_steps()):
         starts = torch.randint(0, len(tokens) - 64, (engine.train_micro_batch_size_per_gpu(),))
         batch = torch.stack([tokens[s : s + 64] for s in starts])
-        loss = engine(input_ids=batch, labels=batch).loss
+        out = engine(input_ids=batch, labels=batch)
+        loss = pruner.distill(out.loss, out.logits, {"input_ids": batch, "labels": batch})  # "recovery" term
         engine.backward(loss)
         pruner.observe()  # reads this rank's reduced gradient shard; a no-op outside the window
         engine.step()

@@ -449,7 +449,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model = get_peft_model(
             model, LoraConfig(r=args.lora, lora_alpha=4 * args.lora, lora_dropout=0.0, target_modules=targets)
         )
-    dense_params = sum(p.numel() for p in model.parameters())
+    # the dense model as it would be saved: LoRA adapters are merged into the weights they adapt
+    dense_params = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
     dense_layers = len(decoder_layers(model))
     if gp_cfg is not None:  # budget and window checked against this model and run before any step
         gp_cfg.resolve_budget(dense_layers)

@@ -1,7 +1,7 @@
 """GradPruner in a Hugging Face ``Trainer`` run: one process, DeepSpeed ZeRO-1/2/3, or FSDP2.
 
-The same fine-tuning as ``launch/train.py`` (SmolLM2-135M on a multiple-choice task from
-``../shared/data``), written the Trainer way: ``TrainingArguments`` + ``Trainer`` + ``add_gradpruner``.
+The same fine-tuning as ``launch/train.py`` (SmolLM2-135M on a multiple-choice task from the
+repository's ``data/``), written the Trainer way: ``TrainingArguments`` + ``Trainer`` + ``add_gradpruner``.
 
     # one process
     python launch/train_hf.py --gradpruner_config configs/gradpruner_trainer.json

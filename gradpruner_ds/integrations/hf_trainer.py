@@ -163,11 +163,6 @@ class GradPrunerCallback(TrainerCallback):
             return None
         distiller = Distiller(self.config.recovery, _teacher_of(model))
         distiller.load_state_dict(saved)
-        log.info(
-            "resumed during the recovery distillation: %d of %d steps done, teacher restored",
-            distiller.steps_done,
-            self.config.recovery.distill_steps,
-        )
         return distiller
 
     # ---- the distillation (add_gradpruner's compute_loss) ----------------------------------------------

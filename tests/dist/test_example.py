@@ -44,7 +44,9 @@ def model_dir(tmp_path_factory) -> Path:
     return out
 
 
-def _run(launcher: list[str], tmp_path: Path, model_dir: Path, gradpruner: bool, stage: int = 3) -> str:
+def _run(
+    launcher: list[str], tmp_path: Path, model_dir: Path, gradpruner: bool, stage: int = 3, block: dict = BLOCK
+) -> str:
     ds = tmp_path / "ds.json"
     ds.write_text(
         json.dumps(
@@ -53,7 +55,7 @@ def _run(launcher: list[str], tmp_path: Path, model_dir: Path, gradpruner: bool,
                 "train_micro_batch_size_per_gpu": 2,
                 "gradient_clipping": 1.0,
                 "zero_optimization": {"stage": stage, "reduce_bucket_size": 100000},
-                "gradpruner": BLOCK,
+                "gradpruner": block,
             }
         )
     )
@@ -70,8 +72,11 @@ def _layers(tmp_path: Path) -> int:
 
 @pytest.mark.skipif(tool("torchrun") is None, reason="torchrun not installed")
 def test_example_under_torchrun_zero3_prunes_and_saves(tmp_path, model_dir):
+    """With a recovery block too: the snippet's ``pruner.distill`` call adds the term for the one step after
+    the prune (no warning that it is missing), then the teacher is freed."""
     torchrun = [tool("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
-    _run(torchrun, tmp_path, model_dir, gradpruner=True)
+    log = _run(torchrun, tmp_path, model_dir, gradpruner=True, block={**BLOCK, "recovery": {"distill_steps": 1}})
+    assert "1 distillation steps done, teacher freed" in log and "added no distillation term" not in log
     assert _layers(tmp_path) == 4
 
 

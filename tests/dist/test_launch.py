@@ -92,6 +92,15 @@ def test_plain_with_gradpruner(single):
     assert single["mode"] == "plain" and single["world_size"] == 1 and single["gradient_accumulation"] == 4
 
 
+def test_plain_with_lora_counts_the_parameters_of_the_saved_model(tmp_path, block_file):
+    """--lora: the summary's and the report's parameter counts are the model as saved (adapters merged), the
+    same before and after the prune as without LoRA."""
+    log = launch([sys.executable, *train_args(tmp_path, block_file), "--lora", "4"])
+    summary = check_run(tmp_path, log, pruned=True)
+    assert summary["dense_params"] == summary["report"]["params_before"]
+    assert f"({100 * summary['pruned_params'] / summary['dense_params']:.1f}%)" in log.split("parameters: dense")[1]
+
+
 def test_plain_without_gradpruner(tmp_path):
     log = launch([sys.executable, *train_args(tmp_path, None)])
     summary = check_run(tmp_path, log, pruned=False)

@@ -161,7 +161,7 @@ CASES: list[tuple[str, str, Callable[..., object], str]] = [
     ("cfg-layer-out-of-range", "protect_layers naming a layer the model does not have", lambda t: pruner(protect_layers=[7]), "decoder-layer indices in [0, 4)"),
     ("cfg-protect-too-many", "protect_layers leaving too few layers for the budget", lambda t: pruner(num_drop=2, protect_layers=[0, 1, 2]), "must fit among"),
     ("cfg-recovery-range", "recovery: {distill_steps: 0} (out of range)", lambda t: cfg(recovery={"distill_steps": 0}), "'recovery.distill_steps': Input should be greater than or equal to 1 (got 0). Fix: set 'recovery.distill_steps' as documented"),
-    ("cfg-recovery-weight", "recovery: {weight: 2} (out of range)", lambda t: cfg(recovery={"distill_steps": 4, "weight": 2.0}), "'recovery.weight': Input should be less than or equal to 1 (got 2.0). Fix: set 'recovery.weight' as documented: loss = (1 - weight)"),
+    ("cfg-recovery-weight", "recovery: {weight: 2} (out of range)", lambda t: cfg(recovery={"distill_steps": 4, "weight": 2.0}), "'recovery.weight': Input should be less than or equal to 1 (got 2.0). Fix: set 'recovery.weight' as documented: A number in (0, 1]"),
     ("cfg-recovery-typo", 'recovery: {"distill_step": 4} (a misspelled sub-block key)', lambda t: cfg(recovery={"distill_step": 4}), "did you mean 'distill_steps'"),
     ("block-not-object", '"gradpruner": [1, 2]', lambda t: load_config({"gradpruner": [1]}), "must be a JSON object"),
     ("block-misspelled", '"grad_pruner": {...}', lambda t: load_config({"grad_pruner": OK}), "looks like a misspelling"),
