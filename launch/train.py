@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip_eval_before", action="store_true", help="do not score the model before training")
     p.add_argument("--lora", type=int, default=0, metavar="R",
                    help="train peft LoRA adapters of rank R (alpha 4R) on every linear of the decoder instead of "
-                        "full fine-tuning (one process); 0 = full fine-tuning")
+                        "full fine-tuning (one process or DeepSpeed); 0 = full fine-tuning")
     p.add_argument("--eval_batch_size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="model init (tiny), data order")
     p.add_argument("--data_seed", type=int, default=0, help="train/val/test split seed")
@@ -397,8 +397,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     eval_at = _parse_eval_at(args.eval_at, args.max_steps)
     if eval_at and use_ds and int((ds_config or {}).get("zero_optimization", {}).get("stage", 0)) == 3:
         raise SystemExit("train.py: --eval_at scores the in-memory model, which ZeRO-3 partitions; use ZeRO-1/2 or one process")
-    if args.lora and use_ds:
-        raise SystemExit("train.py: --lora runs in one process (without --deepspeed)")
     if gp_cfg is not None and gp_cfg.output_dir is None:
         gp_cfg = gp_cfg.model_copy(update={"output_dir": str(args.output_dir)})
 

@@ -89,6 +89,21 @@ class Zero3Backend(DeepSpeedBackend):
             master = safe_get_local_fp32_param(param).reshape(-1).clone()
             master[:valid] = local_piece
             safe_set_local_fp32_param(param, master)
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        if getattr(param, "ds_persist", False) or param.ds_status == ZeroParamStatus.AVAILABLE:
+            self._refresh_whole(param)
+
+    def _refresh_whole(self, param: nn.Parameter) -> None:
+        """A parameter ZeRO-3 keeps whole on every rank besides its slice (a "persistent" one, under
+        ``stage3_param_persistence_threshold``): the forward reads that whole copy and nothing refreshes it from
+        the slices of a frozen parameter (a LoRA base weight), so it is re-assembled from every rank's
+        edited slice here (an all-gather: every rank stores the same parameters in the same order)."""
+        shard = param.ds_tensor.detach().reshape(-1).contiguous()
+        pieces = [torch.empty_like(shard) for _ in range(self.world_size)]
+        torch.distributed.all_gather(pieces, shard, group=self.group)
+        whole = torch.cat(pieces)[: int(param.ds_numel)].view(param.ds_shape)
+        param.data.copy_(whole.to(param.data.dtype))
 
     # the base class's apply_merge (shard-local, through local_weights / store_weight) is exact here
 

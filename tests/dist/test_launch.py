@@ -92,13 +92,39 @@ def test_plain_with_gradpruner(single):
     assert single["mode"] == "plain" and single["world_size"] == 1 and single["gradient_accumulation"] == 4
 
 
-def test_plain_with_lora_counts_the_parameters_of_the_saved_model(tmp_path, block_file):
+@pytest.fixture(scope="module")
+def single_lora(tmp_path_factory, block_file) -> dict[str, Any]:
+    """--lora 4 in one process: the reference for the LoRA runs under DeepSpeed."""
+    out = tmp_path_factory.mktemp("plain_lora")
+    log = launch([sys.executable, *train_args(out, block_file), "--lora", "4"])
+    summary = check_run(out, log, pruned=True)
+    summary["log"] = log
+    return summary
+
+
+def test_plain_with_lora_counts_the_parameters_of_the_saved_model(single_lora):
     """--lora: the summary's and the report's parameter counts are the model as saved (adapters merged), the
     same before and after the prune as without LoRA."""
-    log = launch([sys.executable, *train_args(tmp_path, block_file), "--lora", "4"])
-    summary = check_run(tmp_path, log, pruned=True)
+    summary = single_lora
     assert summary["dense_params"] == summary["report"]["params_before"]
-    assert f"({100 * summary['pruned_params'] / summary['dense_params']:.1f}%)" in log.split("parameters: dense")[1]
+    frac = f"({100 * summary['pruned_params'] / summary['dense_params']:.1f}%)"
+    assert frac in summary["log"].split("parameters: dense")[1]
+
+
+@pytest.mark.skipif(tool("torchrun") is None, reason="torchrun not installed")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_torchrun_lora_under_deepspeed_matches_single_process(tmp_path, block_file, single_lora, stage):
+    """--lora with --deepspeed (ZeRO-2 and ZeRO-3 on 2 ranks): the plan, the losses and the saved model's
+    size are the single-process LoRA run's; the saved model has the adapters merged in. configs/zero3.json
+    keeps the tiny model's matrices whole on every rank (stage3_param_persistence_threshold): the merge into
+    a frozen base weight must refresh that whole copy, not only the rank's slice (it once did not, and every
+    loss after the prune differed)."""
+    cmd = [tool("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           *train_args(tmp_path, block_file, f"zero{stage}.json"), "--lora", "4"]  # fmt: skip
+    summary = check_run(tmp_path, launch(cmd), pruned=True)
+    assert summary["mode"] == f"zero{stage}" and summary["world_size"] == 2
+    same_plan(summary, single_lora)
+    assert summary["pruned_params"] == single_lora["pruned_params"]
 
 
 def test_plain_without_gradpruner(tmp_path):
