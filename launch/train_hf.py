@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="JSON file with the gradpruner block (default: the DeepSpeed config's block)",
     )
+    p.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="train peft LoRA adapters of rank R (alpha 4R) on every linear of the decoder; 0 = full "
+                        "fine-tuning")
     p.add_argument("--no_gradpruner", action="store_true", help="plain fine-tuning (the baseline)")
     p.add_argument("--save_steps", type=int, default=0, help="save a Trainer checkpoint every N steps (0: none)")
     p.add_argument("--resume_from_checkpoint", default=None, metavar="PATH",
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
     from transformers import Trainer, TrainingArguments
 
+    from gradpruner_ds.arch import unwrap_model
     from gradpruner_ds.args import read_block_file
     from gradpruner_ds.config import GradPrunerConfig
     from gradpruner_ds.integrations.hf_trainer import add_gradpruner
@@ -171,6 +175,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     model = load_model(args, len(tok))
     layers_before = model.config.num_hidden_layers
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        from gradpruner_ds.arch import get_arch
+
+        targets = sorted({n.rsplit(".", 1)[-1] for n in get_arch(model).linear_names})
+        model = get_peft_model(
+            model, LoraConfig(r=args.lora, lora_alpha=4 * args.lora, lora_dropout=0.0, target_modules=targets)
+        )
     trainer = Trainer(
         model=model,
         args=targs,
@@ -187,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "global_step": trainer.state.global_step,
         "layers_before": layers_before,
-        "layers_after": trainer.model.config.num_hidden_layers,
+        "layers_after": unwrap_model(trainer.model).config.num_hidden_layers,
         "plan": plan.to_dict() if plan is not None else None,
     }
     if trainer.args.process_index == 0:

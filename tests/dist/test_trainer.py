@@ -192,3 +192,25 @@ def test_trainer_resume_during_the_distillation_matches_single_process(tmp_path,
     assert resumed["layers_after"] == KEPT and resumed["global_step"] == STEPS
     assert resumed["losses"] == pytest.approx(single_kd[1]["losses"], abs=2e-5)
     assert torch.allclose(final_logits(second), final_logits(single_kd[0]), atol=1e-4)
+
+
+@pytest.mark.skipif(tool("torchrun") is None, reason="torchrun not installed")
+def test_trainer_with_peft_lora_under_zero3_matches_single_process(tmp_path):
+    """peft LoRA adapters under the Trainer (``--lora``: get_peft_model on the model transformers built under
+    zero.Init), ZeRO-3 on 2 ranks: the plan, the losses (merge into the frozen base weights included) and the
+    complete pruned model in ``gradpruner_final`` (adapters merged) are the single-process Trainer's."""
+    block = tmp_path / "block.json"
+    block.write_text(json.dumps(BLOCK))
+    one = tmp_path / "one"
+    ref = check(one, launch([sys.executable, SCRIPT, *COMMON, "--per_device_batch", "4", "--lora", "4",
+                             "--gradpruner_config", str(block), "--output_dir", str(one)]))  # fmt: skip
+    cfg = json.loads((ROOT / "configs" / "trainer_zero3.json").read_text())
+    cfg["gradpruner"] = BLOCK
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    two = tmp_path / "two"
+    cmd = [tool("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), SCRIPT, *COMMON,
+           "--per_device_batch", "2", "--lora", "4", "--deepspeed", str(tmp_path / "ds.json"), "--output_dir", str(two)]
+    summary = check(two, launch(cmd))
+    assert summary["engine"] == "deepspeed" and summary["world"] == 2
+    same_run(summary, ref)
+    assert torch.allclose(final_logits(two), final_logits(one), atol=1e-4)
