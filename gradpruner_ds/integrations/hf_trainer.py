@@ -159,7 +159,16 @@ class GradPrunerCallback(TrainerCallback):
         saved = read_statistics(path).get("recovery")
         if saved is None:
             return None
-        if self.config is None or self.config.recovery is None:  # the digest check would have caught a block
+        if self.config is None:  # a bare callback whose block is read from the DeepSpeed config at train begin
+            log.warning(
+                "%s was saved during the recovery distillation, but this callback has no gradpruner block yet "
+                "(it reads the DeepSpeed config's at train begin), so the teacher cannot be rebuilt before the "
+                "surgery: the run goes on WITHOUT the remaining distillation steps. Use add_gradpruner(trainer) "
+                "or GradPrunerCallback(config, ...) to resume them",
+                folder.parent,
+            )
+            return None
+        if self.config.recovery is None:  # the digest check would have caught a block
             return None
         distiller = Distiller(self.config.recovery, _teacher_of(model))
         distiller.load_state_dict(saved)

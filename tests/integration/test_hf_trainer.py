@@ -361,7 +361,7 @@ def test_a_trainer_loss_the_distillation_scale_cannot_read_exactly_is_warned_abo
     assert not plain and len(said) == 1 and "label smoothing" in said.pop()
 
 
-def test_a_trainer_resume_during_the_distillation_gives_the_uninterrupted_run(tmp_path):
+def test_a_trainer_resume_during_the_distillation_gives_the_uninterrupted_run(tmp_path, caplog):
     """Trainer checkpoints saved while the teacher lived (pruned after step 2, 3 distillation steps): a new
     Trainer resumed from checkpoint-3 (1 step done) restores the teacher -- the dense model's copy, made
     before the surgery, with the saved weights -- distills for the 2 remaining steps, and saves checkpoint-4
@@ -393,6 +393,15 @@ def test_a_trainer_resume_during_the_distillation_gives_the_uninterrupted_run(tm
     again = tmp_path / "second" / "checkpoint-4"  # saved by the resumed run: two steps done, teacher kept
     assert (again / "gradpruner" / "stats_rank0.safetensors").exists()
     assert resume(tmp_path / "third", again)._resumed_distiller.steps_done == 3
+    import logging
+
+    logging.getLogger("gradpruner_ds").propagate = True  # a callback that does not know its block yet says so
+    try:
+        with caplog.at_level(logging.WARNING, logger="gradpruner_ds"):
+            GradPrunerCallback(None).prepare_resume(ckpt, tiny_llama(6))
+    finally:
+        logging.getLogger("gradpruner_ds").propagate = False
+    assert any("WITHOUT the remaining distillation steps" in r.getMessage() for r in caplog.records)
     plain = _InOrder(model=tiny_llama(6), args=_kd_args(tmp_path / "plain"), train_dataset=_Data())
     add_gradpruner(plain, BLOCK | {"window_steps": 2})  # the run without the recovery block differs
     plain.train()
