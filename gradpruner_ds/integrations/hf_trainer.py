@@ -159,7 +159,7 @@ class GradPrunerCallback(TrainerCallback):
         saved = read_statistics(path).get("recovery")
         if saved is None:
             return None
-        if self.config is None:  # a bare callback whose block is read from the DeepSpeed config at train begin
+        if self.config is None:  # a bare callback: its block is read from the DeepSpeed config later
             log.warning(
                 "%s was saved during the recovery distillation, but this callback has no gradpruner block yet "
                 "(it reads the DeepSpeed config's at train begin), so the teacher cannot be rebuilt before the "
