@@ -50,6 +50,16 @@ DEFAULT_TASK = ROOT / "data" / "bigbench" / "intent_recognition.json"
 # --------------------------------------------------------------------------------------------------
 
 
+def add_lora(model: Any, rank: int) -> Any:
+    """``model`` with peft LoRA adapters of rank ``rank`` (alpha 4r, no dropout) on every decoder linear."""
+    from peft import LoraConfig, get_peft_model
+
+    from gradpruner_ds.arch import get_arch
+
+    targets = sorted({n.rsplit(".", 1)[-1] for n in get_arch(model).linear_names})
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=4 * rank, lora_dropout=0.0, target_modules=targets))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The script's command line: training options, DeepSpeed's and GradPruner's argument groups."""
     import deepspeed
@@ -426,6 +436,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from torch.utils.data.distributed import DistributedSampler
 
     from gradpruner_ds.arch import decoder_layers
+    from gradpruner_ds.pruner import count_params
     from launch.tasks import build_train_dataset, collate, evaluate_choices, load_task, split_task
 
     # ---- model and data ----
@@ -439,16 +450,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model = tiny_model(len(tokenizer), args.tiny_layers, args.seed)
     model.config.use_cache = False
     if args.lora:
-        from peft import LoraConfig, get_peft_model
-
-        from gradpruner_ds.arch import get_arch
-
-        targets = sorted({n.rsplit(".", 1)[-1] for n in get_arch(model).linear_names})
-        model = get_peft_model(
-            model, LoraConfig(r=args.lora, lora_alpha=4 * args.lora, lora_dropout=0.0, target_modules=targets)
-        )
-    # the dense model as it would be saved: LoRA adapters are merged into the weights they adapt
-    dense_params = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
+        model = add_lora(model, args.lora)
+    dense_params = count_params(model)  # the model as it is saved: LoRA adapters merged, not counted
     dense_layers = len(decoder_layers(model))
     if gp_cfg is not None:  # budget and window checked against this model and run before any step
         gp_cfg.resolve_budget(dense_layers)

@@ -176,14 +176,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = load_model(args, len(tok))
     layers_before = model.config.num_hidden_layers
     if args.lora:
-        from peft import LoraConfig, get_peft_model
+        from launch.train import add_lora
 
-        from gradpruner_ds.arch import get_arch
-
-        targets = sorted({n.rsplit(".", 1)[-1] for n in get_arch(model).linear_names})
-        model = get_peft_model(
-            model, LoraConfig(r=args.lora, lora_alpha=4 * args.lora, lora_dropout=0.0, target_modules=targets)
-        )
+        model = add_lora(model, args.lora)
     trainer = Trainer(
         model=model,
         args=targs,

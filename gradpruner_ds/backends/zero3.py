@@ -17,7 +17,7 @@ from torch import nn
 
 from gradpruner_ds.backends.deepspeed import DeepSpeedBackend
 from gradpruner_ds.backends.sharded import teacher_name, teacher_refusal
-from gradpruner_ds.core.igia import Key
+from gradpruner_ds.core.igia import Key, product_flat_slice
 
 
 class Zero3Backend(DeepSpeedBackend):
@@ -99,10 +99,7 @@ class Zero3Backend(DeepSpeedBackend):
         ``stage3_param_persistence_threshold``): the forward reads that whole copy and nothing refreshes it from
         the slices of a frozen parameter (a LoRA base weight), so it is re-assembled from every rank's
         edited slice here (an all-gather: every rank stores the same parameters in the same order)."""
-        shard = param.ds_tensor.detach().reshape(-1).contiguous()
-        pieces = [torch.empty_like(shard) for _ in range(self.world_size)]
-        torch.distributed.all_gather(pieces, shard, group=self.group)
-        whole = torch.cat(pieces)[: int(param.ds_numel)].view(param.ds_shape)
+        whole = _assemble(param.ds_tensor.detach(), param.ds_shape, int(param.ds_numel), self.group)
         param.data.copy_(whole.to(param.data.dtype))
 
     # the base class's apply_merge (shard-local, through local_weights / store_weight) is exact here
@@ -153,7 +150,6 @@ class Zero3Teacher(nn.Module):
         from gradpruner_ds.arch import decoder_layers
 
         self.group = group
-        self.world = torch.distributed.get_world_size(group)
         peft = hasattr(model, "peft_config")
         base = model.get_base_model() if peft else model  # type: ignore[operator]
         with torch.device("meta"):
@@ -210,26 +206,18 @@ class Zero3Teacher(nn.Module):
                 piece = getattr(self, _key(teacher_name(name, True) + ".weight"))
                 start = rank * piece.numel()
                 n = max(0, min(piece.numel(), int(w.ds_numel) - start))
-                cols = int(w.ds_shape[1])
                 for a in m.active_adapters:
                     if a not in m.lora_A:
                         continue
                     factors = [m.lora_A[a].weight, m.lora_B[a].weight]
                     with zero.GatheredParameters(factors):
-                        if n == 0:
-                            continue
-                        first, last = start // cols, (start + n - 1) // cols + 1
-                        rows = factors[1].data[first:last].float() @ factors[0].data.float() * m.scaling[a]
-                        offset = start - first * cols
-                        piece[:n] += rows.reshape(-1)[offset : offset + n].to(piece.dtype)
+                        delta = product_flat_slice(factors[1].data, factors[0].data, start, n) * m.scaling[a]
+                        piece[:n] += delta.to(piece.dtype)
 
     def _gather(self, names: list[str]) -> None:
         for n in names:
-            shard = getattr(self, _key(n))
-            pieces = [torch.empty_like(shard) for _ in range(self.world)]
-            torch.distributed.all_gather(pieces, shard, group=self.group)
             shape, numel = self.shapes[n]
-            full = torch.cat(pieces)[:numel].view(shape)
+            full = _assemble(getattr(self, _key(n)), shape, numel, self.group)
             for mod, attr in self.places[n]:
                 mod._parameters[attr] = nn.Parameter(full, requires_grad=False)
 
@@ -247,6 +235,14 @@ class Zero3Teacher(nn.Module):
                 return self.inner(**inputs)
         finally:
             self._release(self.outside)
+
+
+def _assemble(shard: torch.Tensor, shape: torch.Size, numel: int, group: Any) -> torch.Tensor:
+    """The whole parameter from every rank's flat ZeRO-3 slice (an all-gather over ``group``)."""
+    shard = shard.reshape(-1).contiguous()
+    pieces = [torch.empty_like(shard) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(pieces, shard, group=group)
+    return torch.cat(pieces)[:numel].view(shape)
 
 
 def _key(name: str) -> str:
