@@ -5,6 +5,8 @@ with and without peft LoRA adapters."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 from helpers.ranks import run_ranks
 from helpers.training import deepspeed_run, fsdp2_run, single_process_run
@@ -68,6 +70,21 @@ def test_recovery_with_peft_lora_under_deepspeed_equals_single_process(stage):
     rebuilt, each rank's slices with the adapters merged into them, gathered one layer at a time): the run
     equals one process."""
     assert_matches(lora_reference(), run_ranks(deepspeed_run, 2, KD, STEPS, stage, MICRO, GAS, CLIP, 6, True))
+
+
+def test_recovery_with_peft_default_lora_under_zero3_equals_single_process():
+    """peft's default ``LoraConfig()`` (r=8 on q_proj and v_proj only; the merge needs every linear's IGIA, so
+    ``num_merge`` 0, as the product's error asks) under ZeRO-3 with the attention matrices kept whole
+    (persistence threshold 2000: q/k/v/o persistent, the MLP partitioned). The teacher merges the adapters
+    into the slices it holds of the persistent and partitioned weights alike; every loss equals one
+    process."""
+    kd, plain = {**KD, "num_merge": 0}, {**BLOCK, "num_merge": 0}
+    ref = single_process_run(kd, STEPS, 2, MICRO, GAS, CLIP, 6, "default")
+    without = single_process_run(plain, STEPS, 2, MICRO, GAS, CLIP, 6, "default")
+    window = BLOCK["window_steps"]
+    assert ref["losses"][window] != pytest.approx(without["losses"][window], abs=1e-4)
+    run = functools.partial(deepspeed_run, lora="default", persist=2000)
+    assert_matches(ref, run_ranks(run, 2, kd, STEPS, 3, MICRO, GAS, CLIP))
 
 
 def _fsdp2_distill(rank: int, world: int, ck: str, phase: str) -> dict:

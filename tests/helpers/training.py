@@ -19,8 +19,16 @@ def lr_lambda(step: int) -> float:
 
 
 def ds_config(
-    stage: int, micro: int, gas: int, clip: float, bf16: bool = False, block: dict | None = None
+    stage: int,
+    micro: int,
+    gas: int,
+    clip: float,
+    bf16: bool = False,
+    block: dict | None = None,
+    persist: int = 0,
 ) -> dict:
+    """``persist``: ZeRO-3's ``stage3_param_persistence_threshold`` (parameters at most this size are kept
+    whole on every rank; 0: every parameter is partitioned)."""
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas,
@@ -29,7 +37,7 @@ def ds_config(
             "stage": stage,
             "reduce_bucket_size": 20000,
             "allgather_bucket_size": 20000,
-            "stage3_param_persistence_threshold": 0,
+            "stage3_param_persistence_threshold": persist,
             "stage3_prefetch_bucket_size": 20000,
         },
         "steps_per_print": 10**9,
@@ -58,7 +66,7 @@ def single_process_run(
     gas: int,
     clip: float,
     num_layers: int = 6,
-    lora: bool = False,
+    lora: bool | str = False,
 ) -> dict[str, Any]:
     """The reference: one process, the whole global batch, torch AdamW + LambdaLR, torch clipping."""
     model = make_model(num_layers, lora)
@@ -97,16 +105,22 @@ def run_result(out: dict[str, Any], losses: list[float], pruner: GradPruner) -> 
     return out
 
 
-def make_model(num_layers: int, lora: bool):
+def make_model(num_layers: int, lora: bool | str):
+    """``lora``: False (the plain model), True (LoRA r=4 on every linear) or "default" (peft's default
+    ``LoraConfig()``: r=8 on the architecture's default targets, q_proj and v_proj for Llama). The B
+    matrices are drawn non-zero so the adapters change the model from the first step."""
     model = tiny_llama(num_layers, seed=0)
     if lora:
         from peft import LoraConfig, get_peft_model
 
         from helpers.naive import LINEARS
 
-        model = get_peft_model(
-            model, LoraConfig(r=4, lora_alpha=8, target_modules=list(LINEARS), lora_dropout=0.0)
+        config = (
+            LoraConfig()
+            if lora == "default"
+            else LoraConfig(r=4, lora_alpha=8, target_modules=list(LINEARS), lora_dropout=0.0)
         )
+        model = get_peft_model(model, config)
         torch.manual_seed(1)
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -125,7 +139,7 @@ def deepspeed_run(
     gas: int,
     clip: float,
     num_layers: int = 6,
-    lora: bool = False,
+    lora: bool | str = False,
     bf16: bool = False,
     instrument: bool = False,
     ckpt_dir: str | None = None,
@@ -133,13 +147,14 @@ def deepspeed_run(
     resume: bool = False,
     save_every: int | None = None,
     offload: bool = False,
+    persist: int = 0,
 ) -> dict[str, Any]:
     """The same recipe under DeepSpeed: each rank takes its rows of every global micro-batch.
 
     ``instrument`` also records the collectives issued by observe / planning / merge and the live
     tensor bytes before and after the prune, and whether the old engine was released.
     ``save_at=k`` saves a checkpoint after optimizer step k and stops; ``resume`` loads the latest
-    checkpoint from ``ckpt_dir`` first and runs the remaining steps."""
+    checkpoint from ``ckpt_dir`` first and runs the remaining steps. ``persist``: see ``ds_config``."""
     import gc
     import weakref
 
@@ -149,7 +164,7 @@ def deepspeed_run(
     from gradpruner_ds.diagnostics import count_collectives, live_tensor_bytes
 
     model = make_model(num_layers, lora)
-    cfg = ds_config(stage, micro, gas, clip, bf16=bf16)
+    cfg = ds_config(stage, micro, gas, clip, bf16=bf16, persist=persist)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if offload:  # ZeRO-3 optimizer offload needs DeepSpeed's CPU Adam (a one-time op build)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -259,6 +274,7 @@ def fsdp2_run(
     out: dict[str, Any] = {"observe_calls": []}
     losses = []
     for micro_batches in global_batches(steps, world, micro, gas):
+
         def before() -> None:  # after the optimizer step: the window may be complete now
             if instrument and pruner.ready:
                 out["bytes_before"] = live_tensor_bytes()
