@@ -66,7 +66,7 @@ class GradPrunerConfig(BaseModel):
             "Layer-importance criterion (higher = kept). Default 'shortgpt_bi' (block influence of the hidden "
             "states over the window): after a full fine-tune, 3.2 points below dense at 30% of layers (four "
             "tasks, three seeds; 'angular' 3.6, the paper's 'igia_sum' 8.1, 'random' 7.6), 2.1 at 20% and "
-            "3.6 at 40% (one or two seeds; 'angular' 1.5 and 11, 'igia_sum' 4.6 and 11) (docs/results.md). "
+            "3.6 at 40% (one or two seeds; 'angular' 1.5 and 11, 'igia_sum' 2.9 and 11) (docs/results.md). "
             "PAPER-FAITHFUL: 'igia_sum' "
             "with mode 'lora' (the paper's LoRA-probe score; "
             "reproduces arXiv 2601.19503) or mode 'full' (true gradients); 'igia_norm_sum' is the reference "
