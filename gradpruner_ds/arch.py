@@ -43,6 +43,10 @@ class ArchSpec:
     linear_names: tuple[str, ...]
     residual_writers: tuple[str, ...]
     per_layer_config_lists: tuple[str, ...] = ("layer_types",)
+    mlp_branch: str | None = "mlp"
+    """The module whose output the decoder layer adds to the residual stream as its MLP branch, as it is (no
+    norm after it), or None; ``repair`` folds its map into that branch's last linear, ``mlp_writer``."""
+    mlp_writer: str = "mlp.down_proj"
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -226,13 +230,14 @@ def lora_factors(module: nn.Module, adapter: str = "default") -> tuple[nn.Parame
     return a_weight, b_weight  # type: ignore[return-value]
 
 
-def _llama_like(name: str, model_types: tuple[str, ...]) -> ArchSpec:
+def _llama_like(name: str, model_types: tuple[str, ...], mlp_branch: str | None = "mlp") -> ArchSpec:
     return ArchSpec(
         name=name,
         model_types=model_types,
         layers_path="model.layers",
         linear_names=_LLAMA_LINEARS,
         residual_writers=_LLAMA_WRITERS,
+        mlp_branch=mlp_branch,
     )
 
 
@@ -246,10 +251,11 @@ for _spec in (
     _llama_like("mistral", ("mistral",)),
     _llama_like("qwen2", ("qwen2",)),
     _llama_like("qwen3", ("qwen3",)),
-    _llama_like("gemma2", ("gemma2",)),
+    # Gemma2/3 normalise the MLP branch (post_feedforward_layernorm) before the residual add: no linear fold
+    _llama_like("gemma2", ("gemma2",), mlp_branch=None),
     # Gemma3ForCausalLM + Gemma3TextConfig (model_type "gemma3_text"); the multimodal "gemma3"
     # (Gemma3ForConditionalGeneration) nests its decoder elsewhere and is not registered.
-    _llama_like("gemma3", ("gemma3_text",)),
+    _llama_like("gemma3", ("gemma3_text",), mlp_branch=None),
 ):
     register_arch(_spec)
 del _spec

@@ -46,6 +46,47 @@ class RecoveryConfig(BaseModel):
     )
 
 
+class RepairConfig(BaseModel):
+    """Least-squares repair of every removed run of layers, folded into the kept layer below it (ReplaceMe)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    steps: int = Field(
+        ge=1,
+        le=100000,
+        description="Required, an integer in [1, 100000]: training steps after the plan (the model still dense) "
+        "over which the maps are fitted; the prune comes after them.",
+    )
+    ridge: float = Field(
+        1e-4,
+        ge=0.0,
+        le=1e6,
+        description="A number in [0, 1e6] (default 1e-4): the ridge lambda, relative to tr(X^T X) / d.",
+    )
+    ridge_target: Literal["zero", "identity"] = Field(
+        "zero",
+        description="'zero' (default): T = (A + lambda I)^-1 B (ReplaceMe); 'identity': T = (A + lambda I)^-1 "
+        "(B + lambda I), a large ridge being plain removal.",
+    )
+    map: Literal["full", "diagonal"] = Field(
+        "full",
+        description="'full' (default): a d x d map (2 d^2 statistics per run); 'diagonal': one scale per channel "
+        "(2 d statistics per run).",
+    )
+    optimizer_state: Literal["reset", "carry"] = Field(
+        "reset",
+        description="The folded weights' optimizer moments: 'reset' (default: zeroed, the step count kept) or "
+        "'carry' (kept as they were).",
+    )
+    dtype: Literal["float64", "float32"] = Field(
+        "float64", description="Precision of the statistics and their all-reduce (float32 halves their memory)."
+    )
+
+
+SUB_BLOCKS: dict[str, type[BaseModel]] = {"recovery": RecoveryConfig, "repair": RepairConfig}
+"""The config's sub-blocks, by key (for error messages and the reference table)."""
+
+
 class GradPrunerConfig(BaseModel):
     """GradPruner settings. Budget: ``num_drop`` (+ ``num_merge``) or ``prune_ratio`` (+ ``num_merge``)."""
 
@@ -139,6 +180,16 @@ class GradPrunerConfig(BaseModel):
         "every seed of intent_recognition and ended level-to-lower on piqa, at 1.59x a plain step's time "
         "(docs/results.md).",
     )
+    repair: RepairConfig | None = Field(
+        None,
+        description='Least-squares repair of the cut: {"steps": R, "ridge": 1e-4, "ridge_target": "zero", "map": '
+        '"full", "optimizer_state": "reset", "dtype": "float64"}. After the plan, for R more training steps '
+        "(the model still dense) forward hooks sum, per contiguous run of removed layers s..e-1, A = X^T X and "
+        "B = X^T Y over the tokens (X: the MLP branch of layer s-1, Y = h(e) - h(s) + X); at the prune one "
+        "all-reduce, T = (A + lambda I)^-1 B on every rank, and W_down(s-1) <- T^T W_down(s-1): the saved model "
+        "keeps the standard architecture. A run starting at layer 0 is removed unrepaired (warned). Not with "
+        "num_merge > 0, observe_only, or families whose MLP branch ends in a norm (Gemma2/3) (docs/repair.md).",
+    )
     observe_only: bool = Field(
         False,
         description="Observe, score and write the report and plan, but prune nothing: training goes on with "
@@ -184,6 +235,13 @@ class GradPrunerConfig(BaseModel):
         if (self.window_steps is None) == (self.window_fraction is None):
             raise ValueError(
                 'set exactly one of window_steps or window_fraction. Fix: keep one, e.g. "window_steps": 8'
+            )
+        if self.repair is not None and (self.num_merge or self.observe_only):
+            raise ValueError(
+                "repair folds a map into the kept layer below each removed run: it cannot be combined with "
+                f"{'num_merge > 0 (the merge edits that layer too)' if self.num_merge else 'observe_only (nothing is cut)'}"
+                ". Fix: remove the 'repair' sub-block, or set "
+                f"{'num_merge to 0' if self.num_merge else 'observe_only to false'}"
             )
         if self.layers_to_remove is not None:
             given = {"criterion", "num_drop", "prune_ratio"} & self.model_fields_set
@@ -310,7 +368,7 @@ def _translate(exc: ValidationError) -> GradPrunerError:
         value = err.get("input")
         if err["type"] == "extra_forbidden":
             parent, _, key = loc.rpartition(".")
-            valid = RecoveryConfig.model_fields if parent == "recovery" else fields
+            valid = SUB_BLOCKS[parent].model_fields if parent in SUB_BLOCKS else fields
             close = difflib.get_close_matches(key, list(valid), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             where = f"the '{parent}' sub-block" if parent else f"the '{BLOCK_NAME}' block"
@@ -324,7 +382,7 @@ def _translate(exc: ValidationError) -> GradPrunerError:
             rule, fix = rule.split(". Fix: ", 1)
         else:
             parent, _, key = loc.rpartition(".")
-            field = RecoveryConfig.model_fields.get(key) if parent == "recovery" else fields.get(loc)
+            field = SUB_BLOCKS[parent].model_fields.get(key) if parent in SUB_BLOCKS else fields.get(loc)
             fix = f"set '{loc}' as documented: {field.description}" if field else "see the config reference"
         msgs.append(f"'{loc}': {rule} (got {value!r}). Fix: {fix}")
     return GradPrunerError("gradpruner: invalid config: " + " | ".join(msgs))
@@ -376,10 +434,11 @@ def config_reference_markdown() -> str:
         )
         default = f.default_factory() if f.default_factory is not None else f.default  # type: ignore[call-arg]
         rows.append(f"| `{name}` | {ann} | `{json.dumps(default)}` | {f.description} |")
-        if name == "recovery":  # its sub-block's keys
-            for sub, g in RecoveryConfig.model_fields.items():
+        if name in SUB_BLOCKS:  # its sub-block's keys
+            for sub, g in SUB_BLOCKS[name].model_fields.items():
                 value = "required" if g.is_required() else f"`{json.dumps(g.default)}`"
-                rows.append(f"| `recovery.{sub}` | {g.annotation.__name__} | {value} | {g.description} |")  # type: ignore[union-attr]
+                kind = getattr(g.annotation, "__name__", str(g.annotation).replace("typing.", ""))
+                rows.append(f"| `{name}.{sub}` | {kind} | {value} | {g.description} |")
     return "\n".join(rows) + "\n"
 
 

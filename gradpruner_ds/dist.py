@@ -107,6 +107,22 @@ def check_same_plan(plan: PrunePlan, timeout_s: float, group: dist.ProcessGroup 
         )
 
 
+def check_same_digest(
+    digest: str, what: str, timeout_s: float | None, group: dist.ProcessGroup | None = None
+) -> None:
+    """Every rank computed the same ``digest`` of ``what`` (MIN and MAX of its words agree), or every rank
+    raises; bounded by ``timeout_s``."""
+    words = digest_tensor(digest)
+    both = torch.cat([words, -words])
+    _wait(dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s, f"the check of {what}")
+    if not torch.equal(both[:4], -both[4:]):
+        raise GradPrunerError(
+            f"gradpruner: the ranks computed different {what} (rank {dist.get_rank(group)} holds digest "
+            f"{digest[:16]}...). Fix: every rank must run the same model, config and data-parallel setup; report "
+            "this as a bug if they do"
+        )
+
+
 def wait_all(
     timeout_s: float, group: dist.ProcessGroup | None = None, what: str = "a GradPruner step"
 ) -> None:

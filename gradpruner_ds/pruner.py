@@ -37,6 +37,7 @@ from gradpruner_ds.diagnostics import rss_bytes
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
 from gradpruner_ds.recovery import Distiller
+from gradpruner_ds.repair import Repairer, refusal
 from gradpruner_ds.report import build_report, check_report_dir, write_report
 from gradpruner_ds.statistics import BuildContext, IGIAStatistic, Statistic, build_statistics
 from gradpruner_ds.surgery import remove_layers
@@ -115,6 +116,14 @@ class GradPruner:
                 "remove the 'recovery' sub-block, or train a model whose teacher can be rebuilt: a transformers "
                 "model with plain LoRA adapters or none (one process and ZeRO-1/2 take any model)",
             )
+        if config.enabled and config.repair is not None and (why := refusal(self.spec)) is not None:
+            raise user_error(
+                "repair folds a linear map into the MLP writer of the kept layer below each removed run",
+                why,
+                "remove the 'repair' sub-block for this model",
+            )
+        self.repairer: Repairer | None = None
+        """The repair phase (``repair``): from the plan to the prune, while its maps are fitted."""
         # last (no hook may outlive a failed check above): the statistics the criterion reads, plus IGIA for
         # the masks of a merge; nothing when disabled
         self.statistics: dict[str, Statistic] = {}
@@ -183,6 +192,9 @@ class GradPruner:
             "observed_steps": self.observed_steps,
             "skipped_steps": self.skipped_steps,
             "plan": json.loads(self.plan.to_json()) if self.plan is not None else None,
+            "repair": None
+            if self.repairer is None
+            else {"plan": json.loads(self.repairer.plan.to_json()), **self.repairer.state_dict()},
             "statistics": {
                 **{name: stat.state_dict() for name, stat in self.statistics.items()},
                 "recovery": self.distiller.state_dict()
@@ -216,6 +228,26 @@ class GradPruner:
             # the dense model's copy, then the saved teacher weights
             self.distiller = Distiller(self.config.recovery, self.backend.make_teacher(self.model))
             self.distiller.load_state_dict(recovery)
+        pending = state.get("repair")
+        if pending is not None and state["plan"] is None:  # saved during the repair phase: its plan and sums
+            if self.config.repair is None:
+                raise user_error(
+                    "the checkpoint was saved during the repair phase of a run with a 'repair' sub-block",
+                    "no repair sub-block now",
+                    "resume with the gradpruner block of the run that saved it",
+                )
+            if state["world_size"] != self.backend.world_size:
+                raise user_error(
+                    "resuming inside the repair phase needs the same world size (its sums are saved per rank)",
+                    f"saved with {state['world_size']} ranks, now {self.backend.world_size}",
+                    "resume with the original number of ranks",
+                )
+            plan = PrunePlan.from_dict(pending["plan"])
+            self.backend.check_plan(plan, self.config.consensus_timeout_s)
+            self._close_statistics()
+            self.repairer = Repairer(self.config.repair, self.model, self.spec, self.backend, plan)
+            self.repairer.load_state_dict(pending)
+            return None
         if state["plan"] is not None:
             plan = PrunePlan.from_dict(state["plan"])
             if self.config.observe_only:  # nothing was cut: the plan is the run's result, not a surgery
@@ -247,24 +279,42 @@ class GradPruner:
         does nothing (e.g. extra forwards with gradients that are not training steps, or a side-by-side
         timing of plain and observed steps, benchmarks/speed/run.py)."""
         self._paused = True
-        for stat in self.statistics.values():
+        stats = [*self.statistics.values(), *self._repair_statistic()]
+        for stat in stats:
             stat.pause(True)
         try:
             yield
         finally:
             self._paused = False
-            for stat in self.statistics.values():
+            for stat in stats:
                 stat.pause(False)
+
+    def _repair_statistic(self) -> list[Statistic]:
+        return [self.repairer.statistic] if self.repairer is not None and self.repairer.statistic else []
 
     @property
     def observing(self) -> bool:
-        """True while the observation window is open."""
-        return self.config.enabled and self.plan is None and self.steps_seen < self.window
+        """True while the observation window, or the repair phase after it, is open."""
+        if not self.config.enabled or self.plan is not None:
+            return False
+        if self.repairer is not None:
+            return not self.repairer.done
+        return self.steps_seen < self.window
+
+    @property
+    def repairing(self) -> bool:
+        """True during the repair phase: the plan is made, the model still dense, the maps being fitted."""
+        return self.repairer is not None and self.plan is None
 
     @property
     def ready(self) -> bool:
-        """True once the window is complete and the model is not pruned yet."""
-        return self.config.enabled and self.plan is None and self.steps_seen >= self.window
+        """True when the next ``maybe_prune`` acts: the window is complete (it plans, and prunes unless a
+        repair phase follows), or the repair phase is (it prunes)."""
+        if not self.config.enabled or self.plan is not None:
+            return False
+        if self.repairer is not None:
+            return self.repairer.done
+        return self.steps_seen >= self.window
 
     # ---- observation --------------------------------------------------------------------------------
     def observe(self) -> None:
@@ -275,6 +325,15 @@ class GradPruner:
         if not self.observing or self._paused or not self.backend.at_boundary():
             return
         self._warn_eval_mode()
+        if self.repairer is not None:  # the repair phase: the step's sums count iff its gradients are finite
+            ok, _ = self._gradients_finite()
+            for stat in self._repair_statistic():
+                stat.update(ok)
+            self.repairer.step(ok)
+            if not ok:
+                log.warning("repair step %d has non-finite gradients: its activations are not counted", self.repairer.steps_seen)
+            self._progress(self.repairer.steps_seen, self.config.repair.steps, "gradpruner: repair")  # type: ignore[union-attr]
+            return
         reads = [r for stat in self.statistics.values() if (r := stat.step_gradients()) is not None]
         if not reads:  # no statistic reads gradients: the finite check of every trainable gradient
             ok, scale = self._gradients_finite()
@@ -292,7 +351,7 @@ class GradPruner:
             self.skipped_steps += 1
             log.warning("step %d has non-finite gradients: not observed", self.steps_seen)
         self.steps_seen += 1
-        self._progress()
+        self._progress(self.steps_seen, self.window, "gradpruner: observing")
 
     def _gradients_finite(self) -> tuple[bool, float]:
         """Whether every trainable gradient is finite on every rank (one read of each local piece)."""
@@ -310,15 +369,15 @@ class GradPruner:
             "is off while GradPruner measures; call model.train() before training if that is not intended"
         )
 
-    def _progress(self) -> None:
+    def _progress(self, done: int, total: int, desc: str) -> None:
         if not self.config.progress_bar or self.backend.rank != 0:
             return
         if self._bar is None:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.window, desc="gradpruner: observing", unit="step", leave=False)
+            self._bar = tqdm(total=total, initial=done - 1, desc=desc, unit="step", leave=False)
         self._bar.update(1)
-        if self.steps_seen >= self.window:
+        if done >= total:
             self._bar.close()
             self._bar = None
 
@@ -458,7 +517,13 @@ class GradPruner:
         """Plan, merge, remove the layers and rebuild the optimizer; training continues after it. With
         ``observe_only`` the plan and the report are made and nothing else changes."""
         t0 = time.perf_counter()
-        plan = self.make_plan()
+        repair = self.config.repair
+        if repair is not None and self.repairer is None:  # the window ends: plan, then the repair phase
+            plan = self.make_plan()
+            self._close_statistics()
+            self.repairer = Repairer(repair, self.model, self.spec, self.backend, plan)
+            return optimizer, lr_scheduler
+        plan = self.repairer.plan if self.repairer is not None else self.make_plan()
         self._close_statistics(keep_igia=True)  # the hooks end with the window; the merge reads IGIA
         params_before = count_params(self.model, self.backend)
         rss_before = rss_bytes()
@@ -474,7 +539,12 @@ class GradPruner:
                 self.distiller = Distiller(self.config.recovery, self.backend.make_teacher(self.model))
                 self.distiller.announce()
             merge_stats = self.merge(plan)
+            folded: list[nn.Parameter] = []
+            if self.repairer is not None:
+                merge_stats["repair"], folded = self.repairer.fold()
             optimizer, lr_scheduler = self._cut(plan, optimizer, lr_scheduler)
+            if folded and repair is not None and repair.optimizer_state == "reset":
+                self.backend.reset_optimizer_state(optimizer, folded)
             params_after = count_params(self.model, self.backend)
         self.report = build_report(
             plan,
@@ -620,6 +690,7 @@ class DisabledPruner:
 
     plan: PrunePlan | None = None
     observing = False
+    repairing = False
     ready = False
 
     def observe(self) -> None:

@@ -529,14 +529,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             dist.all_reduce(total_t)
             total = float(total_t) / world
         step_times.append(time.perf_counter() - t_step)
-        pruning, t_prune = pruner.ready, time.perf_counter()
-        loop.after_step()  # every step: prunes at the end of the window, counts the steps after it
-        if pruning:
+        layers_before, t_prune = len(decoder_layers(loop.module)), time.perf_counter()
+        loop.after_step()  # every step: prunes at the end of the window (or of the repair phase), counts the steps after it
+        if len(decoder_layers(loop.module)) != layers_before:
             prune_s = time.perf_counter() - t_prune
             log(f"step {step + 1}: pruned to {len(decoder_layers(model))} layers in {prune_s:.1f}s")
         losses.append(float(total))
         lr_now = loop.scheduler.get_last_lr()[0]
-        state = "" if gp_cfg is None else ("observing" if pruner.observing else "pruned" if pruner.plan else "")
+        state = "" if gp_cfg is None else ("repairing" if pruner.repairing else "observing" if pruner.observing else "pruned" if pruner.plan else "")
         bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr_now:.2e}", layers=len(decoder_layers(model)), gp=state)
         bar.update(1)
         if step + 1 in eval_at and test:

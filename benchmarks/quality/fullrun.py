@@ -13,7 +13,8 @@ summary, so arms can be compared at equal steps and at equal time.
 
 Arms (``--arms``): ``dense``; a criterion name (``shortgpt_bi``, ``angular``, ``obd``, ``igia_sum``,
 ``last_layers``, ``random``, ...); ``<criterion>+kd<K>`` (the product's ``recovery`` option: the pre-prune
-model distilled into the pruned one for K steps after the prune); ``igia_sum~lora`` (the paper's LoRA-probe score: a LoRA r=8 probe run
+model distilled into the pruned one for K steps after the prune); ``<criterion>+rep<R>[:key=value...]`` (the
+``repair`` option fitted over R steps after the plan; keys ``ridge``, ``target``, ``map``, ``state``); ``igia_sum~lora`` (the paper's LoRA-probe score: a LoRA r=8 probe run
 over the same window batches with the same learning rates, its plan given to the full fine-tune
 through ``layers_to_remove``). Seeds (``--seeds``) change the data order; arms in ``--repeat`` run with
 every seed, the others with the first one only. The dense run does not depend on the budget: one dense run
@@ -81,9 +82,44 @@ def run_steps(task: str, max_steps: int, batch: int) -> int:
     return min(max_steps, TRAIN_ITEMS[task] // batch)
 
 
-def eval_points(window: int, steps: int) -> list[int]:
-    """Steps after which the model is scored: window + 8 / 32 / 64 (where inside the run) and the end."""
-    return sorted({s for s in (window + 8, window + 32, window + 64) if s < steps} | {steps})
+def eval_points(window: int, steps: int, prune_step: int | None = None) -> list[int]:
+    """Steps after which the model is scored: window + 8 / 32 / 64 (where inside the run), the end, and (for a
+    pruned arm) right after the prune, before any further training."""
+    points = {s for s in (window + 8, window + 32, window + 64) if s < steps} | {steps}
+    if prune_step is not None and prune_step < steps:
+        points.add(prune_step)
+    return sorted(points)
+
+
+REPAIR_KEYS = {"ridge": "ridge", "target": "ridge_target", "map": "map", "state": "optimizer_state", "dtype": "dtype"}
+"""Short keys of an arm's repair options (``+rep8:ridge=1e-3:target=identity``) -> the sub-block's keys."""
+
+
+def parse_arm(arm: str) -> tuple[str, dict[str, Any]]:
+    """``<criterion>[+kd<K>][+rep<R>[:key=value...]]`` -> (criterion, the block's extra sub-blocks)."""
+    criterion, *mods = arm.split("+")
+    extra: dict[str, Any] = {}
+    for mod in mods:
+        if mod.startswith("kd"):
+            extra["recovery"] = {"distill_steps": int(mod[2:])}
+        elif mod.startswith("rep"):
+            steps, *opts = mod[3:].split(":")
+            sub: dict[str, Any] = {"steps": int(steps)}
+            for opt in opts:
+                key, _, value = opt.partition("=")
+                sub[REPAIR_KEYS[key]] = float(value) if key == "ridge" else value
+            extra["repair"] = sub
+        else:
+            raise SystemExit(f"fullrun.py: unknown arm modifier {mod!r} in {arm!r}")
+    return criterion, extra
+
+
+def prune_step(args: argparse.Namespace, arm: str) -> int | None:
+    """The optimizer step after which an arm's model is pruned (None: dense)."""
+    if arm == "dense":
+        return None
+    extra = parse_arm(arm.split("~")[0])[1]
+    return args.window + extra.get("repair", {}).get("steps", 0)
 
 
 def jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -105,9 +141,8 @@ def _block(args: argparse.Namespace, arm: str, removed: list[int] | None = None)
     """The gradpruner block of an arm: ``<criterion>``, ``<criterion>+kd<K>`` (recovery by
     self-distillation for K steps after the prune), or a plan given by hand (``removed``)."""
     block: dict[str, Any] = {"window_steps": args.window, "progress_bar": False, "plot": False}
-    criterion, _, kd = arm.partition("+kd")
-    if kd:
-        block["recovery"] = {"distill_steps": int(kd)}
+    criterion, extra = parse_arm(arm)
+    block.update(extra)
     if removed is not None:
         block["layers_to_remove"] = removed
     else:
@@ -160,7 +195,7 @@ def run_job(args: argparse.Namespace, job: dict[str, Any]) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
     t0 = time.time()
     cmd = _train_cmd(args, job, folder, steps)
-    cmd += ["--eval_at", ",".join(str(s) for s in eval_points(args.window, steps))]
+    cmd += ["--eval_at", ",".join(str(s) for s in eval_points(args.window, steps, prune_step(args, job["arm"])))]
     if job["seed"] != 0 or job["arm"] != "dense":
         cmd.append("--skip_eval_before")  # the dense model before training: scored once per task
     arm = job["arm"]
@@ -185,6 +220,8 @@ def run_job(args: argparse.Namespace, job: dict[str, Any]) -> str:
         return f"{job['group']}/{job['id']}: FAILED (exit {proc.returncode}), see {folder / 'train.log'}"
     summary = json.loads((folder / "summary.json").read_text())
     summary.update(arm=arm, seed=job["seed"], wall_s=time.time() - t0, window=args.window, code=code_version())
+    if (at := prune_step(args, arm)) is not None:
+        summary["prune_step"] = at  # losses[at]: the first step of the pruned model, before its update
     if (folder / "gradpruner_report.json").exists():
         report = json.loads((folder / "gradpruner_report.json").read_text())
         summary["scores"] = [row["score"] for row in report["layers"]]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -26,11 +26,11 @@ class EngineAdapter(Protocol):
     Where the pieces are: ``local_grad`` / ``full_grads`` / ``lora_grads`` (this rank's reduced gradient
     pieces), ``local_weights`` / ``global_numel`` / ``lora_slices`` (this rank's weight pieces, laid out
     like the gradient pieces). Across ranks: ``all_reduce_sum_``, ``all_true``, ``check_settings``,
-    ``check_plan`` (each bounded by ``timeout_s``). The step: ``at_boundary``, ``step_check`` (finite
+    ``check_plan``, ``check_same`` (each bounded by ``timeout_s``). The step: ``at_boundary``, ``step_check`` (finite
     gradients and the clip / loss-scale factor applied after the read). Changing the model:
     ``apply_merge`` / ``store_weight`` (every copy of a weight the engine keeps) and ``rebuild`` (carry the
     kept parameters' optimizer state into the engine over the pruned model; returns the objects the loop
-    uses from then on). Recovery: ``make_teacher`` (a frozen copy of the model laid out like it) unless
+    uses from then on) and ``reset_optimizer_state``. Recovery: ``make_teacher`` (a frozen copy of the model laid out like it) unless
     ``teacher_refused`` says why this engine cannot. Reporting: ``log_events``.
     """
 
@@ -66,6 +66,9 @@ class EngineAdapter(Protocol):
         sign_consistent: bool = True,
     ) -> dict[Key, tuple[int, int]]: ...
     def store_weight(self, param: nn.Parameter, local_piece: torch.Tensor) -> None: ...
+    def transform_weight(self, param: nn.Parameter, fn: Callable[[torch.Tensor], torch.Tensor]) -> int: ...
+    def reset_optimizer_state(self, stepper: Any, params: Sequence[nn.Parameter]) -> None: ...
+    def check_same(self, digest: str, what: str) -> None: ...
     def log_events(self, events: Mapping[str, float], step: int) -> None: ...
     def make_teacher(self, model: nn.Module) -> nn.Module: ...
     def rebuild(
@@ -106,6 +109,9 @@ class Backend:
 
     def check_plan(self, plan: PrunePlan, timeout_s: float) -> None:
         """Fail on every rank if any rank holds a different plan (no-op in one process)."""
+
+    def check_same(self, digest: str, what: str) -> None:
+        """Fail on every rank if any rank computed another ``digest`` of ``what`` (no-op in one process)."""
 
     def step_check(
         self,
@@ -186,6 +192,22 @@ class Backend:
 
     def store_weight(self, param: nn.Parameter, local_piece: torch.Tensor) -> None:
         """Write back a weight piece from ``local_weights`` after an edit (no-op: it is a view)."""
+
+    def transform_weight(self, param: nn.Parameter, fn: Callable[[torch.Tensor], torch.Tensor]) -> int:
+        """Replace the whole weight ``W`` by ``fn(W)`` in every copy the engine keeps (``fn`` gets the whole
+        weight, runs identically on every rank and returns a tensor of its shape). Returns the bytes this rank
+        exchanged to assemble it (0 here)."""
+        with torch.no_grad():
+            param.data.copy_(fn(param.data).to(param.dtype))
+        return 0
+
+    def reset_optimizer_state(self, stepper: Any, params: Sequence[nn.Parameter]) -> None:
+        """Zero the optimizer moments of ``params`` (every tensor of their state but ``step``) in what the loop
+        steps (a torch optimizer here)."""
+        for p in params:
+            for key, value in stepper.state.get(p, {}).items():
+                if key != "step" and isinstance(value, torch.Tensor):
+                    value.zero_()
 
     def log_events(self, events: Mapping[str, float], step: int) -> None:
         """Send the prune's scalar events to the engine's experiment tracker (none here)."""

@@ -40,6 +40,9 @@ class ShardedBackend(Backend):
     def check_plan(self, plan: PrunePlan, timeout_s: float) -> None:
         gdist.check_same_plan(plan, timeout_s, self.group)
 
+    def check_same(self, digest: str, what: str) -> None:
+        gdist.check_same_digest(digest, what, self.timeout_s, self.group)
+
     def _frag(self, p: nn.Parameter) -> tuple[int, int]:
         raise NotImplementedError
 

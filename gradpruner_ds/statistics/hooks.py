@@ -37,11 +37,14 @@ class LayerHookStatistic(Statistic):
 
     rows: int
 
-    def __init__(self, model: nn.Module, rows: int) -> None:
+    def __init__(
+        self, model: nn.Module, rows: int, *, shape: tuple[int, ...] | None = None, dtype: torch.dtype = torch.float64
+    ) -> None:
         self.layers = decoder_layers(model)
         self.num_layers = len(self.layers)
         self.rows = rows
-        self._table = torch.zeros(rows, self.num_layers, dtype=torch.float64)
+        # ``[rows, num_layers]`` unless a subclass lays its table out otherwise (``shape``)
+        self._table = torch.zeros(shape or (rows, self.num_layers), dtype=dtype)
         self._pending = torch.zeros_like(self._table)  # this step's forwards until update()
         self._dev_pending: torch.Tensor | None = None  # pending sums on an accelerator, see _acc
         self._mask: torch.Tensor | None = None
@@ -142,7 +145,7 @@ class LayerHookStatistic(Statistic):
                 )
         if tuple(state["table"].shape) != tuple(self._table.shape):
             raise AssertionError(f"{self.name} table of another model")
-        self._table = state["table"].clone().to(torch.float64)
+        self._table = state["table"].clone().to(self._table.dtype)
         self.update(False)
 
     def pause(self, paused: bool) -> None:
