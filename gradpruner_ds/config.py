@@ -79,7 +79,8 @@ class RepairConfig(BaseModel):
         "'carry' (kept as they were).",
     )
     dtype: Literal["float64", "float32"] = Field(
-        "float64", description="Precision of the statistics and their all-reduce (float32 halves their memory)."
+        "float64",
+        description="Precision of the statistics and their all-reduce (float32 halves their memory).",
     )
 
 
@@ -190,6 +191,21 @@ class GradPrunerConfig(BaseModel):
         "keeps the standard architecture. A run starting at layer 0 is removed unrepaired (warned). Not with "
         "num_merge > 0, observe_only, or families whose MLP branch ends in a norm (Gemma2/3) (docs/repair.md).",
     )
+    stages: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Progressive removal: the budget removed in this many stages (1..64, at most the budget; "
+        "earlier stages take the remainder), stage_interval steps apart, each scored on the model as the previous "
+        "stage left it (a fresh window of window_steps before each cut; with repair, each stage repairs its own "
+        "cut). 1 (default): one prune.",
+    )
+    stage_interval: int | None = Field(
+        None,
+        ge=1,
+        description="Optimizer steps from one stage's cut to the next (needed when stages > 1; at least the "
+        "window plus repair.steps).",
+    )
     observe_only: bool = Field(
         False,
         description="Observe, score and write the report and plan, but prune nothing: training goes on with "
@@ -242,6 +258,36 @@ class GradPrunerConfig(BaseModel):
                 f"{'num_merge > 0 (the merge edits that layer too)' if self.num_merge else 'observe_only (nothing is cut)'}"
                 ". Fix: remove the 'repair' sub-block, or set "
                 f"{'num_merge to 0' if self.num_merge else 'observe_only to false'}"
+            )
+        if self.stages > 1:
+            if self.stage_interval is None:
+                raise ValueError(
+                    f"stages={self.stages} needs stage_interval (the steps from one cut to the next). "
+                    'Fix: add e.g. "stage_interval": 16'
+                )
+            clash = [
+                k
+                for k, bad in (
+                    ("num_merge > 0", self.num_merge > 0),
+                    ("layers_to_remove", self.layers_to_remove is not None),
+                    ("observe_only", self.observe_only),
+                )
+                if bad
+            ]
+            if clash:
+                raise ValueError(
+                    f"progressive removal (stages > 1) scores and cuts each stage on the pruned model: it cannot be "
+                    f"combined with {', '.join(clash)}. Fix: set stages to 1, or remove {', '.join(clash)}"
+                )
+            needed = (self.window_steps or 1) + (self.repair.steps if self.repair is not None else 0)
+            if self.window_steps is not None and self.stage_interval < needed:
+                raise ValueError(
+                    f"stage_interval must leave room for each stage's window and repair steps ({needed} steps). "
+                    f"Fix: set stage_interval to at least {needed}"
+                )
+        elif self.stage_interval is not None:
+            raise ValueError(
+                "stage_interval applies only to progressive removal (stages > 1). Fix: remove it, or set stages"
             )
         if self.layers_to_remove is not None:
             given = {"criterion", "num_drop", "prune_ratio"} & self.model_fields_set
@@ -357,7 +403,38 @@ class GradPrunerConfig(BaseModel):
                 window,
                 "shorten window_steps/window_fraction or train for more steps",
             )
+        repair = self.repair.steps if self.repair is not None else 0
+        if self.stages > 1:
+            assert self.stage_interval is not None
+            if self.stage_interval < window + repair:
+                raise user_error(
+                    f"stage_interval must leave room for each stage's window and repair steps ({window + repair})",
+                    self.stage_interval,
+                    f"set stage_interval to at least {window + repair}",
+                )
+        last_cut = window + repair + (self.stages - 1) * (self.stage_interval or 0)
+        if total_steps is not None and last_cut >= total_steps and (repair or self.stages > 1):
+            raise user_error(
+                f"the last cut (after the window, the repair steps and every stage) must come before the run's last "
+                f"step ({total_steps} steps)",
+                last_cut,
+                "shorten window_steps, repair.steps or stage_interval, use fewer stages, or train for more steps",
+            )
         return window
+
+    def stage_budgets(self, num_layers: int) -> list[int]:
+        """Layers removed at each stage (progressive removal): the budget split as evenly as possible, earlier
+        stages taking the remainder; one entry per stage."""
+        n_drop, n_merge = self.resolve_budget(num_layers)
+        total = n_drop + n_merge
+        if self.stages > total:
+            raise user_error(
+                f"progressive removal needs at least one layer per stage (the budget is {total} layers)",
+                self.stages,
+                f"use at most {total} stages, or a larger budget",
+            )
+        base, extra = divmod(total, self.stages)
+        return [base + (1 if k < extra else 0) for k in range(self.stages)]
 
 
 def _translate(exc: ValidationError) -> GradPrunerError:
@@ -437,7 +514,7 @@ def config_reference_markdown() -> str:
         if name in SUB_BLOCKS:  # its sub-block's keys
             for sub, g in SUB_BLOCKS[name].model_fields.items():
                 value = "required" if g.is_required() else f"`{json.dumps(g.default)}`"
-                kind = getattr(g.annotation, "__name__", str(g.annotation).replace("typing.", ""))
+                kind = getattr(g.annotation, "__name__", None) or str(g.annotation).replace("typing.", "")
                 rows.append(f"| `{name}.{sub}` | {kind} | {value} | {g.description} |")
     return "\n".join(rows) + "\n"
 

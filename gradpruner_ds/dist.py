@@ -114,7 +114,11 @@ def check_same_digest(
     raises; bounded by ``timeout_s``."""
     words = digest_tensor(digest)
     both = torch.cat([words, -words])
-    _wait(dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s, f"the check of {what}")
+    _wait(
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group, async_op=True),
+        timeout_s,
+        f"the check of {what}",
+    )
     if not torch.equal(both[:4], -both[4:]):
         raise GradPrunerError(
             f"gradpruner: the ranks computed different {what} (rank {dist.get_rank(group)} holds digest "

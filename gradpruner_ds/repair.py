@@ -16,15 +16,16 @@ says so).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from gradpruner_ds.arch import ArchSpec, decoder_layers, lora_factors, linear_weight
+from gradpruner_ds.arch import ArchSpec, decoder_layers, linear_weight, lora_factors
 from gradpruner_ds.backends.base import EngineAdapter
 from gradpruner_ds.config import RepairConfig
 from gradpruner_ds.core.plan import PrunePlan
@@ -48,6 +49,10 @@ def statistics_bytes(dim: int, runs: int, config: RepairConfig) -> int:
     run, each)."""
     per_run = (2 * dim if config.map == "diagonal" else 2 * dim * dim) + 2
     return 2 * per_run * runs * (8 if config.dtype == "float64" else 4)
+
+
+def _fold_by(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return fold(weight, t)
 
 
 class Repairer:
@@ -160,7 +165,7 @@ class Repairer:
         moved = 0
         for (s, _), t in zip(self.runs, maps, strict=True):
             for p in self._writers(s - 1):
-                moved += self.backend.transform_weight(p, lambda w, t=t: fold(w, t))
+                moved += self.backend.transform_weight(p, functools.partial(_fold_by, t))
                 folded.append(p)
         entry.update(maps_digest=digest, bytes_moved=moved, fold_s=time.perf_counter() - t0)
         if self.backend.rank == 0:
@@ -178,27 +183,25 @@ class Repairer:
         return entry, folded
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "steps_seen": self.steps_seen,
-            "observed_steps": self.observed_steps,
-            "statistic": self.statistic.state_dict() if self.statistic is not None else None,
-        }
+        """The phase's step counts (JSON); the sums are :meth:`statistic_state` (this rank's tensors)."""
+        return {"steps_seen": self.steps_seen, "observed_steps": self.observed_steps}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def statistic_state(self) -> dict[str, Any] | None:
+        return self.statistic.state_dict() if self.statistic is not None else None
+
+    def load_state_dict(self, state: Mapping[str, Any], statistic: Mapping[str, Any] | None) -> None:
         self.steps_seen = int(state["steps_seen"])
         self.observed_steps = int(state["observed_steps"])
         if self.statistic is not None:
-            if state["statistic"] is None:
-                raise AssertionError("repair state without its statistic")
-            self.statistic.load_state_dict(state["statistic"])
+            if statistic is None:
+                raise user_error(
+                    "a checkpoint saved in the repair phase must hold every rank's repair sums",
+                    "none saved",
+                    "resume from the complete checkpoint folder",
+                )
+            self.statistic.load_state_dict(statistic)
 
     def close(self) -> None:
         if self.statistic is not None:
             self.statistic.close()
             self.statistic = None
-
-
-def reset_state(backend: EngineAdapter, stepper: Any, params: Sequence[nn.Parameter]) -> None:
-    """Zero the optimizer moments of ``params`` in the (rebuilt) optimizer / engine ``stepper``."""
-    if params:
-        backend.reset_optimizer_state(stepper, params)

@@ -41,6 +41,63 @@ def build_report(
     }
 
 
+def tracker_events(plan: PrunePlan, report: Mapping[str, Any]) -> dict[str, float]:
+    """Scalar events of the prune for experiment trackers (``gradpruner/...``): layers and parameters before and
+    after, steps observed / skipped, prune time, every layer's score (1.0 = removed in ``gradpruner/removed/<i>``)."""
+    out = {
+        "gradpruner/layers_before": float(plan.num_layers),
+        "gradpruner/layers_after": float(plan.num_layers - len(plan.removed)),
+        "gradpruner/params_before": float(report["params_before"]),
+        "gradpruner/params_after": float(report["params_after"]),
+        "gradpruner/observed_steps": float(plan.observed_steps),
+        "gradpruner/skipped_steps": float(plan.skipped_steps),
+        "gradpruner/prune_s": float(report.get("prune_s", 0.0)),
+    }
+    for i, score in enumerate(plan.scores):
+        out[f"gradpruner/score/{i}"] = float(score)
+        out[f"gradpruner/removed/{i}"] = float(i in plan.removed)
+    return out
+
+
+class StepTimer:
+    """Wall time between consecutive calls (= optimizer steps): the steps before the first cut and the first
+    ``after`` steps after it, for the report's step-time ratio."""
+
+    def __init__(self, after: int = 5) -> None:
+        self.after = after
+        self._last: float | None = None
+        self.before_s: list[float] = []
+        self.after_s: list[float] = []
+
+    def tick(self, pruned: bool) -> dict[str, Any] | None:
+        """One step ended; returns the step-time entry once the steps after the cut are measured (once)."""
+        import time
+
+        now = time.perf_counter()
+        last, self._last = self._last, now
+        if last is None:
+            return None
+        if not pruned:
+            self.before_s.append(now - last)
+        elif len(self.after_s) < self.after:
+            self.after_s.append(now - last)
+            if len(self.after_s) == self.after:
+                before, after = (sorted(t)[len(t) // 2] if t else None for t in (self.before_s, self.after_s))
+                return {
+                    "before_median": before,
+                    "after_median": after,
+                    "after_over_before": after / before if before and after else None,
+                    "steps": [len(self.before_s), self.after],
+                }
+        return None
+
+    def restart(self) -> None:
+        """The next interval is a plain step of the smaller model (the prune's own time is not a step)."""
+        import time
+
+        self._last = time.perf_counter()
+
+
 def plot_scores(plan: PrunePlan, title: str = "") -> bytes:
     """PNG bytes: a bar per layer (log scale), dropped red, merged orange with its target, kept blue."""
     import matplotlib

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -123,6 +123,17 @@ class FSDP2Backend(ShardedBackend):
 
     def global_numel(self, p: nn.Parameter) -> int:
         return p.numel()
+
+    def transform_weight(self, param: nn.Parameter, fn: Callable[[torch.Tensor], torch.Tensor]) -> int:
+        """The whole weight (one all-gather of this matrix), ``fn`` on every rank, this rank's rows written back
+        into its shard."""
+        with torch.no_grad():
+            whole = param.data.full_tensor() if hasattr(param.data, "full_tensor") else param.data
+            new = fn(whole)
+            local = _local(param.data)
+            start = self._frag(param)[0] // max(1, param.numel() // max(1, param.shape[0]))
+            local.copy_(new[start : start + local.shape[0]].to(local.dtype))
+        return local.numel() * local.element_size() * (self.world_size - 1)
 
     def lora_slices(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, tuple[int, int]] | None:
         return {k: self._frag(p) for k, p in params.items()}

@@ -8,7 +8,7 @@ the carried state are assembled one parameter at a time (sums of disjoint pieces
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -107,6 +107,31 @@ class Zero12Backend(DeepSpeedBackend):
                 hm.get_hp_fragment().data.reshape(-1).copy_(target.reshape(-1)[t_start : t_start + t_numel])
             tp.data.copy_(target.to(tp.dtype))
         return counts
+
+    def transform_weight(self, param: nn.Parameter, fn: Callable[[torch.Tensor], torch.Tensor]) -> int:
+        """The whole fp32 value from the ranks' master fragments (one all-reduce of this matrix), ``fn`` on every
+        rank, then this rank's master fragment and the replicated low-precision copy written."""
+        whole = self._full_fp32(param)
+        new = fn(whole).float()
+        hm = getattr(param, "_hp_mapping", None)
+        if hm is not None:
+            start, numel = self._frag(param)
+            hm.get_hp_fragment().data.reshape(-1).copy_(new.reshape(-1)[start : start + numel])
+        param.data.copy_(new.to(param.dtype))
+        return whole.numel() * 4 if param.requires_grad else 0
+
+    def reset_optimizer_state(self, stepper: Any, params: Sequence[nn.Parameter]) -> None:
+        """Zero this rank's fragments of the moments of ``params`` in the (rebuilt) engine's optimizer."""
+        opt = stepper.optimizer
+        if not any("exp_avg" in st for st in opt.optimizer.state.values()):
+            return  # no moments yet
+        self._link_state()
+        for p in params:
+            hm = getattr(p, "_hp_mapping", None)
+            if hm is None:
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                hm.get_optim_state_fragment(key).data.zero_()
 
     def _kept_groups(self, gone: set[int], n_groups: int) -> list[list[nn.Parameter]]:
         kept: list[list[nn.Parameter]] = [[] for _ in range(n_groups)]

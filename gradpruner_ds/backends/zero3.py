@@ -9,7 +9,7 @@ at the same world size the rebuilt engine keeps every slice, so the state is car
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -101,6 +101,33 @@ class Zero3Backend(DeepSpeedBackend):
         edited slice here (an all-gather: every rank stores the same parameters in the same order)."""
         whole = _assemble(param.ds_tensor.detach(), param.ds_shape, int(param.ds_numel), self.group)
         param.data.copy_(whole.to(param.data.dtype))
+
+    def transform_weight(self, param: nn.Parameter, fn: Callable[[torch.Tensor], torch.Tensor]) -> int:
+        """The whole fp32 weight assembled from every rank's master slice (frozen: its ``ds_tensor`` slice), one
+        all-gather of this matrix; ``fn`` on every rank; this rank's slice of the result stored in every copy."""
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        part, valid = param.ds_tensor.numel(), self._z3_valid(param)
+        src = safe_get_local_fp32_param(param) if param.requires_grad else param.ds_tensor
+        piece = torch.zeros(part, dtype=torch.float32)
+        piece[:valid] = src.reshape(-1)[:valid].float()
+        whole = _assemble(piece, param.ds_shape, int(param.ds_numel), self.group)
+        new = fn(whole).float().reshape(-1)
+        start = self._frag(param)[0]
+        self.store_weight(param, new[start : start + valid].clone())
+        return part * 4 * (self.world_size - 1)
+
+    def reset_optimizer_state(self, stepper: Any, params: Sequence[nn.Parameter]) -> None:
+        """Zero this rank's slices of the moments of ``params`` in the (rebuilt) engine's optimizer."""
+        from deepspeed.utils import safe_get_local_optimizer_state, safe_set_local_optimizer_state
+
+        for p in params:
+            if not p.requires_grad:
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = safe_get_local_optimizer_state(p, key)
+                if value is not None:
+                    safe_set_local_optimizer_state(p, torch.zeros_like(value), key)
 
     # the base class's apply_merge (shard-local, through local_weights / store_weight) is exact here
 

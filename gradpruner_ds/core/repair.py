@@ -42,9 +42,7 @@ def ridge_lambda(a_trace: float, dim: int, ridge: float) -> float:
     return ridge * a_trace / dim
 
 
-def solve_map(
-    a: torch.Tensor, b: torch.Tensor, ridge: float, target: RidgeTarget = "zero"
-) -> torch.Tensor:
+def solve_map(a: torch.Tensor, b: torch.Tensor, ridge: float, target: RidgeTarget = "zero") -> torch.Tensor:
     """The map ``T`` from the sums: full ``[d, d]`` sums give a ``[d, d]`` map; diagonals (``[d]``) a ``[d]``
     per-channel scale. Solved in float64; deterministic for the same inputs (every rank solves the same)."""
     a, b = a.double(), b.double()

@@ -124,6 +124,14 @@ class GradPrunerCallback(TrainerCallback):
         state = read_state(folder)
         self._resume = (folder, state)
         self._resumed_state = state
+        if state["plan"] is None and state.get("stages"):
+            raise user_error(
+                "the HF Trainer resumes a progressive run (stages > 1) only from a checkpoint saved before its first "
+                "cut or after its last one",
+                f"{checkpoint}: {len(state['stages'])} of the stages cut",
+                "resume from another checkpoint, or use your own loop (GradPruner.load_state_dict + replay resume "
+                "between stages)",
+            )
         if state["plan"] is None or (self.config is not None and self.config.observe_only):
             return
         plan = PrunePlan.from_dict(state["plan"])
@@ -315,7 +323,7 @@ class GradPrunerCallback(TrainerCallback):
             if self._resumed_distiller is not None:  # resumed during the distillation: one more step done
                 self._resumed_distiller.step_done()
             return
-        if not self.pruner.ready:  # a step of the window, or of the pruned model (timing, distillation count)
+        if not self.pruner.cutting:  # a step of the window or the repair phase, or of the pruned model
             self.pruner.maybe_prune()
             return
         if not self._deepspeed:

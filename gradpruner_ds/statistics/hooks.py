@@ -38,7 +38,12 @@ class LayerHookStatistic(Statistic):
     rows: int
 
     def __init__(
-        self, model: nn.Module, rows: int, *, shape: tuple[int, ...] | None = None, dtype: torch.dtype = torch.float64
+        self,
+        model: nn.Module,
+        rows: int,
+        *,
+        shape: tuple[int, ...] | None = None,
+        dtype: torch.dtype = torch.float64,
     ) -> None:
         self.layers = decoder_layers(model)
         self.num_layers = len(self.layers)

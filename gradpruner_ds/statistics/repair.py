@@ -47,7 +47,8 @@ class RepairStatistic(LayerHookStatistic):
             raise AssertionError("a run starting at layer 0 has no kept layer below it to fold into")
         hf_layers = decoder_layers(model)
         mlp = hf_layers[0].get_submodule(spec.mlp_branch)
-        dim = int(mlp.get_submodule(spec.mlp_writer.removeprefix(spec.mlp_branch + ".")).out_features)
+        writer = mlp.get_submodule(spec.mlp_writer.removeprefix(spec.mlp_branch + "."))
+        dim = int(getattr(writer, "out_features"))  # noqa: B009 - the residual channels (also when ZeRO-3 partitions)
         self.dim = dim
         self.diagonal = diagonal
         self.block = (2 * dim if diagonal else 2 * dim * dim) + 2

@@ -101,6 +101,7 @@ def run_result(out: dict[str, Any], losses: list[float], pruner: GradPruner) -> 
         scores=list(pruner.plan.scores),
         plan=pruner.plan.to_dict(),
         merge=pruner.report["merge"] if pruner.report else None,
+        repair=pruner.report.get("repair") if pruner.report else None,
     )
     return out
 
@@ -213,7 +214,7 @@ def deepspeed_run(
             pruner.observe()  # a no-op before the accumulation boundary
             engine.step()
         torch.distributed.all_reduce(total)
-        if instrument and pruner.ready:
+        if instrument and pruner.cutting:
             out["bytes_before"] = live_tensor_bytes()
             out["igia_bytes"] = pruner.igia.nbytes()
             old_ref = weakref.ref(engine)
@@ -276,7 +277,7 @@ def fsdp2_run(
     for micro_batches in global_batches(steps, world, micro, gas):
 
         def before() -> None:  # after the optimizer step: the window may be complete now
-            if instrument and pruner.ready:
+            if instrument and pruner.cutting:
                 out["bytes_before"] = live_tensor_bytes()
 
         loss, opt, sched, calls = fsdp2_step(model, pruner, opt, sched, micro_batches, rank, world, micro, gas,
