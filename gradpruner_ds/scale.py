@@ -84,6 +84,14 @@ class DryRun:
     partition_numel_after: int
     optimizer_state_bytes_before: int
     optimizer_state_bytes_after: int
+    repair_runs: int = 0
+    """Removed runs the ``repair`` block fits a map for (0 without it)."""
+    repair_bytes_per_rank: int = 0
+    """The repair sums on a rank (committed + one step's pending), with the configured map and dtype."""
+    repair_options_bytes: dict[str, int] = field(default_factory=dict)
+    """The same for every map / dtype choice (what keeps a large model affordable)."""
+    repair_fold_bytes: int = 0
+    """Bytes a rank receives to assemble the folded matrices (one MLP writer per run)."""
     time_s: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -170,6 +178,26 @@ def dry_run(
     params_after = sum(p.numel() for p in model.parameters())
     part_after = sum(_partition(p.numel(), world_size) for p in model.parameters())
     igia_merged = igia / n_mat * n_merged_mats  # the merged matrices' share of the local IGIA pieces
+    repair: dict[str, Any] = {}
+    if gp.repair is not None:
+        from gradpruner_ds.core.repair import removed_runs
+        from gradpruner_ds.repair import statistics_bytes
+
+        runs = [r for r in removed_runs(plan.removed) if r[0] >= 1]
+        dim = int(model.config.hidden_size)
+        writer = shapes[0][spec.mlp_writer]
+        repair = {
+            "repair_runs": len(runs),
+            "repair_bytes_per_rank": statistics_bytes(dim, len(runs), gp.repair),
+            "repair_options_bytes": {
+                f"{m}/{dt}": statistics_bytes(
+                    dim, len(runs), gp.repair.model_copy(update={"map": m, "dtype": dt})
+                )
+                for m in ("full", "diagonal")
+                for dt in ("float64", "float32")
+            },
+            "repair_fold_bytes": len(runs) * (world_size - 1) * _partition(math.prod(writer), world_size) * 4,
+        }
     t = {
         # full mode: read the gradient shard, read + write the fp32 accumulator
         "observe_per_step": (3 * igia / hw.hbm_bytes_per_s if mode == "full" else 0.0)
@@ -205,6 +233,7 @@ def dry_run(
         optimizer_state_bytes_before=12 * part_before,
         optimizer_state_bytes_after=12 * part_after,
         time_s=t,
+        **repair,
     )
 
 
@@ -223,6 +252,15 @@ def format_dry_run(d: DryRun) -> str:
         f"  merge thresholds: {d.merge_collectives} all-reduces, {d.merge_bytes / 1024:.1f} KiB",
         f"  partition per rank: {d.partition_numel_before / 1e6:.1f} M -> {d.partition_numel_after / 1e6:.1f} M params; "
         f"fp32 master + Adam: {d.optimizer_state_bytes_before / gib:.2f} -> {d.optimizer_state_bytes_after / gib:.2f} GiB",
+        *(
+            [
+                f"  repair: {d.repair_runs} maps; sums per rank {d.repair_bytes_per_rank / gib:.3f} GiB ("
+                + ", ".join(f"{k} {v / gib:.3f}" for k, v in d.repair_options_bytes.items())
+                + f" GiB); fold gathers {d.repair_fold_bytes / gib:.3f} GiB"
+            ]
+            if d.repair_runs
+            else []
+        ),
         "  estimated time (assumed bandwidths): "
         + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in d.time_s.items()),
     ]

@@ -14,7 +14,8 @@ summary, so arms can be compared at equal steps and at equal time.
 Arms (``--arms``): ``dense``; a criterion name (``shortgpt_bi``, ``angular``, ``obd``, ``igia_sum``,
 ``last_layers``, ``random``, ...); ``<criterion>+kd<K>`` (the product's ``recovery`` option: the pre-prune
 model distilled into the pruned one for K steps after the prune); ``<criterion>+rep<R>[:key=value...]`` (the
-``repair`` option fitted over R steps after the plan; keys ``ridge``, ``target``, ``map``, ``state``); ``igia_sum~lora`` (the paper's LoRA-probe score: a LoRA r=8 probe run
+``repair`` option fitted over R steps after the plan; keys ``ridge``, ``target``, ``map``, ``state``);
+``<criterion>+st<S>x<I>`` (progressive removal: ``stages`` S, ``stage_interval`` I); ``igia_sum~lora`` (the paper's LoRA-probe score: a LoRA r=8 probe run
 over the same window batches with the same learning rates, its plan given to the full fine-tune
 through ``layers_to_remove``). Seeds (``--seeds``) change the data order; arms in ``--repeat`` run with
 every seed, the others with the first one only. The dense run does not depend on the budget: one dense run
@@ -96,7 +97,7 @@ REPAIR_KEYS = {"ridge": "ridge", "target": "ridge_target", "map": "map", "state"
 
 
 def parse_arm(arm: str) -> tuple[str, dict[str, Any]]:
-    """``<criterion>[+kd<K>][+rep<R>[:key=value...]]`` -> (criterion, the block's extra sub-blocks)."""
+    """``<criterion>[+kd<K>][+rep<R>[:key=value...]][+st<S>x<I>]`` -> (criterion, the block's extra keys)."""
     criterion, *mods = arm.split("+")
     extra: dict[str, Any] = {}
     for mod in mods:
@@ -109,6 +110,9 @@ def parse_arm(arm: str) -> tuple[str, dict[str, Any]]:
                 key, _, value = opt.partition("=")
                 sub[REPAIR_KEYS[key]] = float(value) if key == "ridge" else value
             extra["repair"] = sub
+        elif mod.startswith("st"):  # progressive removal: S stages, I steps apart
+            stages, _, interval = mod[2:].partition("x")
+            extra.update(stages=int(stages), stage_interval=int(interval))
         else:
             raise SystemExit(f"fullrun.py: unknown arm modifier {mod!r} in {arm!r}")
     return criterion, extra
@@ -119,7 +123,8 @@ def prune_step(args: argparse.Namespace, arm: str) -> int | None:
     if arm == "dense":
         return None
     extra = parse_arm(arm.split("~")[0])[1]
-    return args.window + extra.get("repair", {}).get("steps", 0)
+    last = (extra.get("stages", 1) - 1) * extra.get("stage_interval", 0)
+    return args.window + extra.get("repair", {}).get("steps", 0) + last
 
 
 def jobs(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from helpers.tiny import batches, tiny_llama
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from gradpruner_ds.integrations.hf_trainer import GradPrunerCallback
 
@@ -406,3 +406,33 @@ def test_a_trainer_resume_during_the_distillation_gives_the_uninterrupted_run(tm
     add_gradpruner(plain, BLOCK | {"window_steps": 2})  # the run without the recovery block differs
     plain.train()
     assert [h["loss"] for h in plain.state.log_history if "loss" in h][3] != pytest.approx(want[3], abs=1e-3)
+
+
+@pytest.mark.parametrize("block", [
+    {"repair": {"steps": 2}},  # plan at step 3, the repair sums over steps 4-5, the cut after step 5
+    {"num_drop": 2, "stages": 2, "stage_interval": 3},  # cuts after steps 3 and 6
+])  # fmt: skip
+def test_trainer_callback_with_repair_and_with_stages(tmp_path, block):
+    model = tiny_llama(6)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=8, learning_rate=1e-3,
+        max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+        dataloader_num_workers=0,
+    )  # fmt: skip
+    layers: list[int] = []
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):  # after GradPruner's own on_step_end
+            layers.append(model.config.num_hidden_layers)
+
+    cfg = {"window_steps": 3, "num_drop": 1, "progress_bar": False, "protect_layers": [0], **block}
+    trainer = Trainer(model=model, args=args, train_dataset=_Data(), callbacks=[GradPrunerCallback(cfg), Count()])
+    trainer.train()
+    if "repair" in block:
+        assert layers == [6] * 4 + [5] * 4
+        report = json.loads((tmp_path / "gradpruner" / "gradpruner_report.json").read_text())
+        assert report["repair"]["runs"][0]["explained"] > 0
+    else:
+        assert layers == [6, 6, 5, 5, 5, 4, 4, 4]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 8 and all(x == x for x in losses)
