@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "benchmarks" / "quality"))
 from fullrun import TASKS  # noqa: E402
+
 from gradpruner_ds.arch import decoder_layers, get_arch  # noqa: E402
 from gradpruner_ds.core.repair import fold, removed_runs, residuals, solve_map  # noqa: E402
 from gradpruner_ds.statistics.repair import RepairStatistic  # noqa: E402
