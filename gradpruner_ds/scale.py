@@ -184,8 +184,8 @@ def dry_run(
         from gradpruner_ds.repair import statistics_bytes
 
         runs = [r for r in removed_runs(plan.removed) if r[0] >= 1]
-        dim = int(model.config.hidden_size)
         writer = shapes[0][spec.mlp_writer]
+        dim = int(writer[0])  # the writer's rows: residual channels
         repair = {
             "repair_runs": len(runs),
             "repair_bytes_per_rank": statistics_bytes(dim, len(runs), gp.repair),
