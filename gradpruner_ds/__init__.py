@@ -20,15 +20,16 @@ _LAZY = {
     "remove_layers": "gradpruner_ds.surgery",
     "get_arch": "gradpruner_ds.arch",
     "register_arch": "gradpruner_ds.arch",
-    "for_deepspeed": "gradpruner_ds.backends.deepspeed",
+    "for_deepspeed": "gradpruner_ds.integrations.deepspeed",
+    "backend_for": "gradpruner_ds.backends",
     "DeepSpeedBackend": "gradpruner_ds.backends.deepspeed",
     "FSDP2Backend": "gradpruner_ds.backends.fsdp2",
     "GradPrunerCallback": "gradpruner_ds.integrations.hf_trainer",
     "add_argparse_args": "gradpruner_ds.args",
     "resolve_config": "gradpruner_ds.args",
-    "save_checkpoint": "gradpruner_ds.backends.deepspeed",
+    "save_checkpoint": "gradpruner_ds.checkpoint",
     "save_pretrained": "gradpruner_ds.export",
-    "load_checkpoint": "gradpruner_ds.backends.deepspeed",
+    "load_checkpoint": "gradpruner_ds.checkpoint",
 }
 
 __all__ = ["__version__", *_LAZY]

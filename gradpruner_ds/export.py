@@ -20,15 +20,14 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-Gather = Callable[[Sequence[torch.Tensor]], contextlib.AbstractContextManager[list[torch.Tensor]]]
-"""Context manager giving the full (unsharded) values of a unit's parameters on every rank."""
+from gradpruner_ds.backends import Gather, holder_of
 
 _PEFT_NAME = re.compile(r"\.(base_layer|modules_to_save\.[^.]+)\.")
 
@@ -38,20 +37,8 @@ def _holder(obj: Any) -> tuple[nn.Module, int, Gather]:
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    if callable(getattr(obj, "zero_optimization_stage", None)):  # a DeepSpeed engine
-        from gradpruner_ds.backends.deepspeed import gather_full
-
-        return obj.module, rank, gather_full if int(obj.zero_optimization_stage()) == 3 else _as_is
-    if any(hasattr(p, "full_tensor") for p in obj.parameters()):  # FSDP2: DTensor parameters
-        from gradpruner_ds.backends.fsdp2 import gather_full as fsdp_gather
-
-        return obj, rank, fsdp_gather
-    return obj, rank, _as_is
-
-
-@contextlib.contextmanager
-def _as_is(tensors: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
-    yield list(tensors)
+    module, gather = holder_of(obj)
+    return module, rank, gather
 
 
 def _unit_tensors(module: nn.Module, prefix: str, names: dict[int, str]) -> list[tuple[str, nn.Module, str]]:

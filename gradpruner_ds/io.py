@@ -1,5 +1,6 @@
-"""File I/O: atomic writes (a reader never sees a half-written report, plan or checkpoint file) and strict
-JSON reading (a repeated key is an error, not \"last one wins\")."""
+"""File I/O: atomic writes (a reader never sees a half-written report, plan or checkpoint file), strict JSON
+reading (a repeated key is an error, not \"last one wins\"), and nested tensors as safetensors files whose
+nesting is JSON in the metadata (GradPruner's state and a plain / FSDP2 loop's checkpoints: no pickle)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,79 @@ def read_json_file(path: str | Path, what: str) -> Any:
             f"{what} file must be readable UTF-8 ({exc})", str(p), "pass a readable file"
         ) from None
     return loads_json(text, what, str(p))
+
+
+_TENSOR = "__tensor__"
+
+
+def _split(obj: Any, tensors: dict[str, Any], path: str) -> Any:
+    """``obj`` with every tensor replaced by ``{"__tensor__": name}`` (the tensor goes to ``tensors``)."""
+    if _is_tensor(obj):
+        t = obj.detach().cpu().contiguous()
+        if any(t.untyped_storage().data_ptr() == o.untyped_storage().data_ptr() for o in tensors.values()):
+            t = t.clone()  # a tensor seen twice (tied weights): safetensors stores each once
+        tensors[path] = t
+        return {_TENSOR: path}
+    if isinstance(obj, dict):
+        return {str(k): _split(v, tensors, f"{path}/{k}") for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_split(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
+    return obj
+
+
+def _join(obj: Any, tensors: dict[str, Any]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {_TENSOR}:
+            return tensors[obj[_TENSOR]]
+        return {k: _join(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join(v, tensors) for v in obj]
+    return obj
+
+
+def _is_tensor(obj: Any) -> bool:
+    import torch
+
+    return isinstance(obj, torch.Tensor)
+
+
+def write_tensors(path: Path, obj: Any, save_id: str = "") -> None:
+    """``obj`` (nested dicts / lists of tensors and JSON values) as one safetensors file, its nesting in the
+    metadata (no pickle), atomically."""
+    from safetensors.torch import save as st_save
+
+    tensors: dict[str, Any] = {}
+    skeleton = _split(obj, tensors, "s")
+    atomic_write_bytes(
+        path, st_save(tensors, metadata={"skeleton": json.dumps(skeleton), "save_id": save_id})
+    )
+
+
+def read_tensors(path: Path, save_id: str | None = None, what: str = "statistics") -> Any:
+    """Read :func:`write_tensors` output (``save_id``: the save it must belong to, when known)."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise user_error(
+            f"every rank's {what} file must be in the checkpoint",
+            str(path),
+            "restore the checkpoint folder",
+        )
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            skeleton = json.loads(meta["skeleton"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as exc:  # safetensors raises its own error types for truncated files
+        raise user_error(
+            f"a rank's {what} file must be a valid safetensors file written by gradpruner-ds",
+            f"{path}: {exc}",
+            "restore the checkpoint folder",
+        ) from None
+    if save_id is not None and meta.get("save_id", "") != save_id:
+        raise user_error(
+            f"a rank's {what} file must belong to the same save as the checkpoint's state.json",
+            f"{path}: save {meta.get('save_id')!r}, state.json {save_id!r}",
+            "resume from a complete checkpoint (this file is left from another save under the same tag)",
+        )
+    return _join(skeleton, tensors)

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 
 from gradpruner_ds.arch import ArchSpec
-from gradpruner_ds.backends.base import EngineAdapter
 from gradpruner_ds.config import GradPrunerConfig
 from gradpruner_ds.core.merge import keep_count, kth_largest, topk_mask
 from gradpruner_ds.core.plan import PrunePlan
+from gradpruner_ds.engine import EngineAdapter
 from gradpruner_ds.statistics import IGIAStatistic
 
 

@@ -26,12 +26,13 @@ import torch
 from torch import nn
 
 from gradpruner_ds.arch import ArchSpec, decoder_layers, get_arch, unwrap_model
-from gradpruner_ds.backends.base import Backend, EngineAdapter
+from gradpruner_ds.backends.plain import Backend
 from gradpruner_ds.config import GradPrunerConfig
 from gradpruner_ds.core.igia import Key, sq_norms
 from gradpruner_ds.core.plan import PrunePlan, make_plan
 from gradpruner_ds.core.scoring import ScoreContext, get_criterion, layer_scores
 from gradpruner_ds.diagnostics import rss_bytes
+from gradpruner_ds.engine import EngineAdapter
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
 from gradpruner_ds.merging import merge_layers

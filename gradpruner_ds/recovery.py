@@ -26,16 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradpruner_ds.backends import local_tensor
 from gradpruner_ds.config import RecoveryConfig
 from gradpruner_ds.diagnostics import release_memory
 from gradpruner_ds.log import get_logger
 
 log = get_logger("recovery")
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's piece of a (possibly DTensor) tensor."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def distill_kl(
@@ -84,7 +80,7 @@ class Distiller:
             return 0
         seen: dict[int, int] = {}
         for t in self.teacher.state_dict().values():
-            local = _local(t)
+            local = local_tensor(t)
             seen[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
         return sum(seen.values())
 
@@ -134,7 +130,7 @@ class Distiller:
         teacher = (
             None
             if self.teacher is None
-            else {k: _local(v).detach().clone() for k, v in self.teacher.state_dict().items()}
+            else {k: local_tensor(v).detach().clone() for k, v in self.teacher.state_dict().items()}
         )
         return {"steps_done": self.steps_done, "teacher": teacher}
 
@@ -147,7 +143,7 @@ class Distiller:
         saved = state["teacher"]
         with torch.no_grad():  # into this rank's pieces (sharded teachers hold their shard only)
             for k, v in self.teacher.state_dict().items():
-                _local(v).copy_(saved[k])
+                local_tensor(v).copy_(saved[k])
         log.info(
             "recovery resumed: %d of %d steps done, teacher restored (%.1f MiB on this rank)",
             self.steps_done, self.config.distill_steps, self.teacher_bytes() / 2**20,

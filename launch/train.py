@@ -231,7 +231,7 @@ class DeepSpeedLoop:
     def __init__(self, model: Any, optimizer: Any, scheduler: Any, ds_config: dict, gp_cfg: Any, total: int, gas: int):
         import deepspeed
 
-        from gradpruner_ds.backends.deepspeed import for_deepspeed
+        from gradpruner_ds.integrations.deepspeed import for_deepspeed
 
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, lr_scheduler=scheduler)
         self.scheduler, self.gas = scheduler, gas

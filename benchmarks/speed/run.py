@@ -129,7 +129,7 @@ class Runner:
             from gradpruner_ds.pruner import GradPruner
 
             return GradPruner(self.module, block, backend=FSDP2Backend(self.module))
-        from gradpruner_ds.backends.deepspeed import for_deepspeed
+        from gradpruner_ds.integrations.deepspeed import for_deepspeed
 
         return for_deepspeed(self.engine, self.cfg, config=block)
 

@@ -27,6 +27,7 @@ backward closures would otherwise keep it and the dropped layers alive).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 import sys
@@ -40,7 +41,6 @@ from torch import nn
 from gradpruner_ds.backends.sharded import ShardedBackend
 from gradpruner_ds.core.igia import Key, sq_norms
 from gradpruner_ds.diagnostics import release_memory
-from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
 
 log = get_logger("deepspeed")
@@ -58,31 +58,15 @@ def skip_cpu_shm_comm_build() -> None:
 class DeepSpeedBackend(ShardedBackend):
     """GradPruner on a ``deepspeed.DeepSpeedEngine`` with ZeRO stage 1, 2 or 3: what the stages share.
 
-    ``DeepSpeedBackend(engine, ds_config)`` returns the adapter of the engine's stage:
+    :func:`gradpruner_ds.backends.backend_for` picks the adapter of the engine's stage:
     :class:`~gradpruner_ds.backends.zero12.Zero12Backend` (flat fp32 partitions, per-parameter fragments)
     or :class:`~gradpruner_ds.backends.zero3.Zero3Backend` (every parameter sliced into equal shards). The
-    stage-specific parts are the pieces of a parameter (``_frag``, ``local_grad``, ``local_weights``), the
-    merge, and how the kept parameters' optimizer state is read and written across the rebuild."""
+    stage-specific parts, written here as abstract hooks, are the pieces of a parameter (``piece``,
+    ``grad_piece``, ``local_weights``), the merge, and how the kept parameters' optimizer state is read and
+    written across the rebuild (``kept_groups``, ``flat_partitions``, ``read_state``, ``write_state``,
+    ``link_state``)."""
 
     stage: int
-
-    def __new__(cls, engine: Any, ds_config: Mapping[str, Any]) -> DeepSpeedBackend:
-        if cls is not DeepSpeedBackend:
-            return super().__new__(cls)
-        stage = int(engine.zero_optimization_stage())
-        if stage not in (1, 2, 3):
-            raise user_error(
-                "the DeepSpeed backend supports ZeRO stages 1, 2 and 3",
-                stage,
-                'set "zero_optimization": {"stage": 1|2|3} in the DeepSpeed config',
-            )
-        if stage == 3:
-            from gradpruner_ds.backends.zero3 import Zero3Backend
-
-            return super().__new__(Zero3Backend)
-        from gradpruner_ds.backends.zero12 import Zero12Backend
-
-        return super().__new__(Zero12Backend)
 
     def __init__(self, engine: Any, ds_config: Mapping[str, Any]) -> None:
         self.engine = engine
@@ -96,32 +80,24 @@ class DeepSpeedBackend(ShardedBackend):
         """Gradients are complete (reduced) only at a gradient-accumulation boundary."""
         return bool(self.engine.is_gradient_accumulation_boundary())
 
-    # ---- stage-specific (see the subclasses) --------------------------------------------------------
-    def _frag(self, p: nn.Parameter) -> tuple[int, int]:
-        """(offset, numel) of this rank's piece of ``p`` in the flattened parameter."""
-        raise NotImplementedError
-
-    def _local_grad(self, p: nn.Parameter) -> torch.Tensor:
-        """This rank's reduced gradient piece of a trainable parameter (empty where it holds none)."""
-        raise NotImplementedError
-
-    def _kept_groups(self, gone: set[int], n_groups: int) -> list[list[nn.Parameter]]:
+    # ---- stage-specific (abstract; see the subclasses) --------------------------------------------------
+    @abc.abstractmethod
+    def kept_groups(self, gone: set[int], n_groups: int) -> list[list[nn.Parameter]]:
         """The kept parameters of each client param group, in the engine's order."""
-        raise NotImplementedError
 
-    def _flat_partitions(self) -> list[torch.Tensor]:
+    @abc.abstractmethod
+    def flat_partitions(self) -> list[torch.Tensor]:
         """The fp32 flat partitions the client optimizer steps (its state is keyed by them)."""
-        raise NotImplementedError
 
-    def _read_state(self, p: nn.Parameter, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    @abc.abstractmethod
+    def read_state(self, p: nn.Parameter, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """This rank's piece of ``p``'s fp32 master ("fp32") and optimizer state ``keys``."""
-        raise NotImplementedError
 
-    def _write_state(self, entry: dict[str, Any], keys: Sequence[str]) -> None:
+    @abc.abstractmethod
+    def write_state(self, entry: dict[str, Any], keys: Sequence[str]) -> None:
         """Write a kept parameter's carried pieces into the rebuilt engine."""
-        raise NotImplementedError
 
-    def _link_state(self) -> None:
+    def link_state(self) -> None:
         """Called when the client optimizer's state exists (before reading, after creating it)."""
 
     # ---- shared -------------------------------------------------------------------------------------
@@ -143,7 +119,7 @@ class DeepSpeedBackend(ShardedBackend):
         if norms is not None and params:
             skip = {id(p) for p in params}
             total += norms.sum()
-        rest = [self._local_grad(p) for p in self._trainable() if id(p) not in skip]
+        rest = [self.grad_piece(p) for p in self._trainable() if id(p) not in skip]
         stats = (total + sq_norms(rest).sum()).reshape(1)  # inf/nan if any entry is: no separate pass
         self.all_reduce_sum_(stats)
         if not math.isfinite(float(stats[0])):
@@ -157,10 +133,10 @@ class DeepSpeedBackend(ShardedBackend):
         return True, scale
 
     def full_grads(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, torch.Tensor]:
-        return {k: self._local_grad(p) for k, p in params.items()}
+        return {k: self.grad_piece(p) for k, p in params.items()}
 
     def lora_slices(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, tuple[int, int]] | None:
-        return {k: self._frag(p) for k, p in params.items()}
+        return {k: self.piece(p) for k, p in params.items()}
 
     def log_events(self, events: Mapping[str, float], step: int) -> None:
         """DeepSpeed's monitor (the config's ``tensorboard`` / ``wandb`` / ``csv_monitor`` / ``comet`` blocks):
@@ -168,6 +144,32 @@ class DeepSpeedBackend(ShardedBackend):
         monitor = getattr(self.engine, "monitor", None)
         if monitor is not None and getattr(monitor, "enabled", False):
             monitor.write_events([(name, value, step) for name, value in events.items()])
+
+    # ---- checkpoints: the engine's own ------------------------------------------------------------------
+    def default_tag(self, stepper: Any) -> str:
+        return f"global_step{stepper.global_steps}"
+
+    def save_engine_state(
+        self,
+        stepper: Any,
+        model: nn.Module,
+        save_dir: Any,
+        tag: str,
+        lr_scheduler: Any,
+        client_state: Mapping[str, Any],
+        save_id: str,
+    ) -> None:
+        """``engine.save_checkpoint`` (model, optimizer, the scheduler it holds, ``client_state``), ``latest``
+        left to the commit. DeepSpeed writes its own files with pickle (``torch.save``)."""
+        stepper.save_checkpoint(str(save_dir), tag=tag, client_state=dict(client_state), save_latest=False)
+
+    def load_engine_state(
+        self, stepper: Any, model: nn.Module, load_dir: Any, tag: str, lr_scheduler: Any
+    ) -> dict[str, Any]:
+        """``engine.load_checkpoint``. DeepSpeed reads its files with pickle (``torch.load(weights_only=False)``):
+        load only checkpoints you trust."""
+        _, client_state = stepper.load_checkpoint(str(load_dir), tag=tag)
+        return dict(client_state or {})
 
     # ---- rebuild: carry the kept parameters' state into a new engine over the pruned module --------------
     def rebuild(
@@ -187,14 +189,14 @@ class DeepSpeedBackend(ShardedBackend):
         client = old.optimizer.optimizer  # the torch optimizer DeepSpeed wraps
         client_cls = type(client)
         hparams = [{k: v for k, v in g.items() if k != "params"} for g in client.param_groups]
-        kept_groups = self._kept_groups(gone, len(hparams))
+        kept_groups = self.kept_groups(gone, len(hparams))
         step = _adam_step(client)
         moments = any("exp_avg" in st for st in client.state.values())  # none before the first step
         keys = ("exp_avg", "exp_avg_sq") if moments else ()
         if moments:
-            self._link_state()
+            self.link_state()
         carried = {
-            id(p): {"param": p, "frag": self._frag(p), **self._read_state(p, keys)}
+            id(p): {"param": p, "frag": self.piece(p), **self.read_state(p, keys)}
             for g in kept_groups
             for p in g
         }
@@ -226,15 +228,15 @@ class DeepSpeedBackend(ShardedBackend):
         for k, v in counters.items():
             setattr(engine, k, v)
         # torch Adam creates its state lazily at the first step: create it now, then fill it
-        for flat in self._flat_partitions():
+        for flat in self.flat_partitions():
             engine.optimizer.optimizer.state[flat] = {
                 "step": step.clone() if torch.is_tensor(step) else step,
                 "exp_avg": torch.zeros_like(flat),
                 "exp_avg_sq": torch.zeros_like(flat),
             }
-        self._link_state()
+        self.link_state()
         for entry in carried.values():
-            self._write_state(entry, keys)
+            self.write_state(entry, keys)
         carried.clear()
         return engine, lr_scheduler
 
@@ -256,82 +258,6 @@ def gather_full(params: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
 
     with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
         yield list(params)
-
-
-_FROM_BLOCK: Any = object()
-
-
-def for_deepspeed(
-    engine: Any,
-    ds_config: Mapping[str, Any],
-    *,
-    total_steps: int | None = None,
-    config: Any = _FROM_BLOCK,
-) -> Any:
-    """A ``GradPruner`` on a DeepSpeed engine. ``config``: the ``GradPrunerConfig`` of
-    ``gradpruner_ds.resolve_config(args, ds_config)`` -- None when ``--gradpruner`` is not given, and then a
-    :class:`~gradpruner_ds.pruner.DisabledPruner` whose calls do nothing is returned; left out, the
-    ``"gradpruner"`` block of ``ds_config`` is used. Use it in the training loop as::
-
-        loss = engine(**batch).loss
-        engine.backward(loss)
-        pruner.observe()                      # a no-op except at accumulation boundaries in the window
-        engine.step()
-        engine, lr_scheduler = pruner.maybe_prune(engine, lr_scheduler)   # new engine after the prune
-    """
-    from gradpruner_ds.config import load_config
-    from gradpruner_ds.pruner import DisabledPruner, GradPruner
-
-    if config is None:
-        return DisabledPruner()
-    cfg = load_config(ds_config) if config is _FROM_BLOCK else config
-    assert cfg is not None  # load_config(required=True) raises instead of returning None
-    return GradPruner(
-        engine.module, cfg, total_steps=total_steps, backend=DeepSpeedBackend(engine, ds_config)
-    )
-
-
-def save_checkpoint(
-    engine: Any, pruner: Any, save_dir: str, tag: str | None = None, client_state: dict | None = None
-) -> str:
-    """``engine.save_checkpoint`` plus GradPruner's state (``pruner.state_dict()``) in
-    ``<save_dir>/<tag>/gradpruner/``, committed only when every rank's files are written: ``latest`` moves
-    last (a rank that dies during the save leaves the previous checkpoint the one to resume). Call on every
-    rank; returns the tag."""
-    from pathlib import Path
-
-    from gradpruner_ds.checkpoint import SUBDIR, commit_checkpoint, save_pruner_state
-    from gradpruner_ds.dist import wait_all
-
-    tag = tag or f"global_step{engine.global_steps}"
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state or {}, save_latest=False)
-    timeout = 300.0
-    if hasattr(pruner, "state_dict"):  # a DisabledPruner has nothing to save
-        save_pruner_state(pruner, Path(save_dir) / tag / SUBDIR)
-        timeout = pruner.config.consensus_timeout_s
-    group = engine.optimizer.dp_process_group
-    commit_checkpoint(
-        save_dir, tag, dist.get_rank(group), lambda: wait_all(timeout, group, "the checkpoint commit")
-    )
-    return tag
-
-
-def load_checkpoint(
-    engine: Any, pruner: Any, load_dir: str, tag: str | None = None, lr_scheduler: Any = None
-) -> tuple[Any, Any, dict]:
-    """Resume: restore GradPruner's state, replay the surgery if the saved run was already pruned
-    (a new engine over the pruned model), then ``engine.load_checkpoint``. ``tag`` None: the one ``latest``
-    names, which must be complete. Returns ``(engine, lr_scheduler, client_state)``."""
-    from pathlib import Path
-
-    from gradpruner_ds.checkpoint import SUBDIR, load_pruner_state, resolve_tag
-
-    tag = resolve_tag(load_dir, tag)
-    plan = load_pruner_state(pruner, Path(load_dir) / tag / SUBDIR) if hasattr(pruner, "state_dict") else None
-    if plan is not None:
-        engine, lr_scheduler = pruner.replay(plan, engine, lr_scheduler)
-    _, client_state = engine.load_checkpoint(load_dir, tag=tag)
-    return engine, lr_scheduler, client_state or {}
 
 
 def _adam_step(client: torch.optim.Optimizer) -> Any:

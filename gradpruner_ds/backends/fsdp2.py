@@ -54,11 +54,6 @@ def _plain_class(m: nn.Module) -> type:
     return next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
 
 
-def is_fsdp2(model: Any) -> bool:
-    """True when ``model`` is the root of an FSDP2 (``fully_shard``) tree."""
-    return hasattr(model, "_get_fsdp_state")
-
-
 @contextlib.contextmanager
 def gather_full(params: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
     """The whole values of DTensor parameters on every rank (one all-gather each: a collective)."""
@@ -75,7 +70,7 @@ class FSDP2Backend(ShardedBackend):
                 "none",
                 "call torch.distributed.init_process_group first",
             )
-        if not is_fsdp2(model):
+        if not hasattr(model, "_get_fsdp_state"):
             raise user_error(
                 "the FSDP2 backend needs the root model wrapped with fully_shard",
                 type(model).__name__,
@@ -88,7 +83,7 @@ class FSDP2Backend(ShardedBackend):
         self.teacher_refused = teacher_refusal(model)
 
     # ---- this rank's pieces ----------------------------------------------------------------------------
-    def _frag(self, p: nn.Parameter) -> tuple[int, int]:
+    def piece(self, p: nn.Parameter) -> tuple[int, int]:
         """(offset, numel) of this rank's rows of ``p`` in the flattened parameter."""
         rows = p.shape[0]
         chunk = -(-rows // self.world_size)
@@ -109,12 +104,12 @@ class FSDP2Backend(ShardedBackend):
     def local_grad(self, p: nn.Parameter) -> torch.Tensor | None:
         return None if p.grad is None else _local(p.grad)
 
-    def _local_grad(self, p: nn.Parameter) -> torch.Tensor:
+    def grad_piece(self, p: nn.Parameter) -> torch.Tensor:
         if p.grad is None:
             raise AssertionError("no gradient: call observe() after backward, before zero_grad")
         return _local(p.grad)
 
-    def _shape(self, p: nn.Parameter) -> tuple[int, ...]:
+    def whole_shape(self, p: nn.Parameter) -> tuple[int, ...]:
         return tuple(p.shape)
 
     def local_weights(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, torch.Tensor]:
@@ -131,12 +126,37 @@ class FSDP2Backend(ShardedBackend):
             whole = param.data.full_tensor() if hasattr(param.data, "full_tensor") else param.data
             new = fn(whole)
             local = _local(param.data)
-            start = self._frag(param)[0] // max(1, param.numel() // max(1, param.shape[0]))
+            start = self.piece(param)[0] // max(1, param.numel() // max(1, param.shape[0]))
             local.copy_(new[start : start + local.shape[0]].to(local.dtype))
         return local.numel() * local.element_size() * (self.world_size - 1)
 
+    @staticmethod
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return _local(t)
+
+    def load_optimizer_state(self, optimizer: Any, saved: Mapping[str, Any] | None) -> None:
+        """The saved local pieces into the optimizer's state, made DTensors laid out like their parameters (the
+        same world size and sharding as the run that saved them)."""
+        if saved is None:
+            return
+        from torch.distributed.tensor import DTensor
+
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            entry = saved["state"].get(str(i))
+            if entry is None:
+                continue
+            state = {}
+            for k, v in entry.items():
+                if torch.is_tensor(v) and isinstance(p.data, DTensor) and v.dim() > 0:
+                    v = DTensor.from_local(v.to(_local(p.data).device), p.data.device_mesh, p.data.placements)
+                state[k] = v
+            optimizer.state[p] = state
+        for group, hp in zip(optimizer.param_groups, saved["param_groups"], strict=True):
+            group.update({k: v for k, v in hp.items() if k != "params"})
+
     def lora_slices(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, tuple[int, int]] | None:
-        return {k: self._frag(p) for k, p in params.items()}
+        return {k: self.piece(p) for k, p in params.items()}
 
     # ---- the distillation teacher ----------------------------------------------------------------------
     def make_teacher(self, model: nn.Module) -> nn.Module:

@@ -1,12 +1,13 @@
 """What the sharded engines (DeepSpeed ZeRO, FSDP2) have in common: collectives over their process
 group, and assembling the small LoRA factor gradients from every rank's piece in one all-reduce.
 
-A subclass says where this rank's piece of a parameter is (``_frag``: offset and length in the
-flattened parameter), how to read its reduced gradient piece (``_local_grad``) and the parameter's
-whole shape (``_shape``)."""
+A subclass says where this rank's piece of a parameter is (``piece``: offset and length in the
+flattened parameter), how to read its reduced gradient piece (``grad_piece``) and the parameter's
+whole shape (``whole_shape``)."""
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,14 +15,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradpruner_ds import dist as gdist
-from gradpruner_ds.backends.base import Backend
+from gradpruner_ds import consensus as gdist
+from gradpruner_ds.backends.plain import Backend
 from gradpruner_ds.core.igia import Key
 from gradpruner_ds.core.plan import PrunePlan
 
 
-class ShardedBackend(Backend):
-    """Collectives over ``self.group`` and the LoRA-factor assembly shared by the sharded engines."""
+class ShardedBackend(Backend, abc.ABC):
+    """Collectives over ``self.group`` and the LoRA-factor assembly shared by the sharded engines.
+
+    The written hooks every sharded engine implements (abstract): ``piece`` (where this rank's piece of a
+    parameter lies in the flattened parameter), ``grad_piece`` (this rank's reduced gradient piece of a
+    trainable parameter; an error where it must exist and does not -- unlike the contract's ``local_grad``,
+    which answers None) and ``whole_shape`` (the parameter's unsharded shape)."""
 
     group: dist.ProcessGroup | None = None
 
@@ -43,14 +49,17 @@ class ShardedBackend(Backend):
     def check_same(self, digest: str, what: str) -> None:
         gdist.check_same_digest(digest, what, self.timeout_s, self.group)
 
-    def _frag(self, p: nn.Parameter) -> tuple[int, int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def piece(self, p: nn.Parameter) -> tuple[int, int]:
+        """(offset, numel) of this rank's piece of ``p`` in the flattened parameter."""
 
-    def _local_grad(self, p: nn.Parameter) -> torch.Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def grad_piece(self, p: nn.Parameter) -> torch.Tensor:
+        """This rank's reduced gradient piece of a trainable parameter (empty where it holds none)."""
 
-    def _shape(self, p: nn.Parameter) -> tuple[int, ...]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def whole_shape(self, p: nn.Parameter) -> tuple[int, ...]:
+        """The parameter's whole (unsharded) shape."""
 
     def lora_grads(
         self, factors: Mapping[Key, tuple[nn.Parameter, nn.Parameter]]
@@ -62,14 +71,14 @@ class ShardedBackend(Backend):
         buf = torch.zeros(sum(numels), dtype=torch.float32)
         offset = 0
         for p, n in zip(flat, numels, strict=True):
-            start, numel = self._frag(p)
+            start, numel = self.piece(p)
             if numel:
-                buf[offset + start : offset + start + numel] = self._local_grad(p).reshape(-1).float()
+                buf[offset + start : offset + start + numel] = self.grad_piece(p).reshape(-1).float()
             offset += n
         self.all_reduce_sum_(buf)
         pieces, offset = [], 0
         for p, n in zip(flat, numels, strict=True):
-            pieces.append(buf[offset : offset + n].view(self._shape(p)))
+            pieces.append(buf[offset : offset + n].view(self.whole_shape(p)))
             offset += n
         return {key: (pieces[2 * i], pieces[2 * i + 1]) for i, key in enumerate(factors)}
 

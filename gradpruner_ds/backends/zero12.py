@@ -14,16 +14,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradpruner_ds.backends.base import MergeGroup
 from gradpruner_ds.backends.deepspeed import DeepSpeedBackend
 from gradpruner_ds.core.igia import Key
 from gradpruner_ds.core.merge import MergeRule, merge_
+from gradpruner_ds.engine import MergeGroup
 
 
 class Zero12Backend(DeepSpeedBackend):
     """ZeRO-1/2 pieces: a parameter's fragment of the flat partition this rank owns."""
 
-    def _frag(self, p: nn.Parameter) -> tuple[int, int]:
+    def piece(self, p: nn.Parameter) -> tuple[int, int]:
         if not p.requires_grad:  # replicated frozen weight (LoRA base): split evenly, like ZeRO-3
             part = -(-p.numel() // self.world_size)
             return min(self.rank * part, p.numel()), max(0, min(part, p.numel() - self.rank * part))
@@ -33,19 +33,19 @@ class Zero12Backend(DeepSpeedBackend):
         return hm.lp_fragment_address.start, hm.lp_fragment_address.numel
 
     def local_grad(self, p: nn.Parameter) -> torch.Tensor | None:
-        return self._local_grad(p)
+        return self.grad_piece(p)
 
-    def _local_grad(self, p: nn.Parameter) -> torch.Tensor:
+    def grad_piece(self, p: nn.Parameter) -> torch.Tensor:
         hm = getattr(p, "_hp_mapping", None)
         if hm is None:
             return torch.zeros(0, dtype=torch.float32)
         g = hm.get_lp_grad_fragment(p._index_in_param_group).reshape(-1)
-        start, numel = self._frag(p)
+        start, numel = self.piece(p)
         if g.numel() == p.numel() and numel != p.numel():  # bf16 keeps a full accumulation buffer
             g = g.narrow(0, start, numel)
         return g
 
-    def _shape(self, p: nn.Parameter) -> torch.Size:
+    def whole_shape(self, p: nn.Parameter) -> torch.Size:
         return p.shape
 
     def global_numel(self, p: nn.Parameter) -> int:
@@ -59,7 +59,7 @@ class Zero12Backend(DeepSpeedBackend):
             if hm is not None:
                 out[k] = hm.get_hp_fragment().data.reshape(-1)
             else:
-                start, numel = self._frag(p)
+                start, numel = self.piece(p)
                 out[k] = p.data.reshape(-1)[start : start + numel].float()
         return out
 
@@ -70,7 +70,7 @@ class Zero12Backend(DeepSpeedBackend):
             return p.data.float().clone()  # frozen: replicated, never in the optimizer
         buf = torch.zeros(p.numel(), dtype=torch.float32)
         if hm is not None:
-            start, numel = self._frag(p)
+            start, numel = self.piece(p)
             buf[start : start + numel] = hm.get_hp_fragment().reshape(-1)
         self.all_reduce_sum_(buf)
         return buf.view(p.shape)
@@ -92,12 +92,12 @@ class Zero12Backend(DeepSpeedBackend):
             for skey, mask_piece in sources:
                 sp = params[skey]
                 full_mask = torch.zeros(sp.numel(), dtype=torch.uint8)
-                start, numel = self._frag(sp)
+                start, numel = self.piece(sp)
                 full_mask[start : start + numel] = mask_piece.to(torch.uint8)
                 self.all_reduce_sum_(full_mask)
                 pairs.append((self._full_fp32(sp), full_mask.view(sp.shape).bool()))
             added = merge_(target, pairs, merge_rule, sign_consistent)
-            t_start, t_numel = self._frag(tp)
+            t_start, t_numel = self.piece(tp)
             for (skey, mask_piece), n_added in zip(sources, added, strict=True):
                 # mask pieces are disjoint over ranks; the whole-matrix merge ran on every rank, so only
                 # rank 0 reports its count, and the all-reduced counts equal the global ones
@@ -115,7 +115,7 @@ class Zero12Backend(DeepSpeedBackend):
         new = fn(whole).float()
         hm = getattr(param, "_hp_mapping", None)
         if hm is not None:
-            start, numel = self._frag(param)
+            start, numel = self.piece(param)
             hm.get_hp_fragment().data.reshape(-1).copy_(new.reshape(-1)[start : start + numel])
         param.data.copy_(new.to(param.dtype))
         return whole.numel() * 4 if param.requires_grad else 0
@@ -125,7 +125,7 @@ class Zero12Backend(DeepSpeedBackend):
         opt = stepper.optimizer
         if not any("exp_avg" in st for st in opt.optimizer.state.values()):
             return  # no moments yet
-        self._link_state()
+        self.link_state()
         for p in params:
             hm = getattr(p, "_hp_mapping", None)
             if hm is None:
@@ -133,16 +133,16 @@ class Zero12Backend(DeepSpeedBackend):
             for key in ("exp_avg", "exp_avg_sq"):
                 hm.get_optim_state_fragment(key).data.zero_()
 
-    def _kept_groups(self, gone: set[int], n_groups: int) -> list[list[nn.Parameter]]:
+    def kept_groups(self, gone: set[int], n_groups: int) -> list[list[nn.Parameter]]:
         kept: list[list[nn.Parameter]] = [[] for _ in range(n_groups)]
         for i, grp in enumerate(self.engine.optimizer.bit16_groups):
             kept[i].extend(p for p in grp if id(p) not in gone)
         return kept
 
-    def _flat_partitions(self) -> list[torch.Tensor]:
+    def flat_partitions(self) -> list[torch.Tensor]:
         return list(self.engine.optimizer.single_partition_of_fp32_groups)
 
-    def _link_state(self) -> None:
+    def link_state(self) -> None:
         """DeepSpeed links each fragment to the optimizer state once, right after the FIRST param group has
         stepped, so with several groups (the HF Trainer's decay / no-decay split) the later groups' fragments
         point at a still-empty state: link again whenever the state exists."""
@@ -150,7 +150,7 @@ class Zero12Backend(DeepSpeedBackend):
         opt._hp_optimizer_states_linked = False
         opt._lazy_init_hp_params_optimizer_state()
 
-    def _read_state(self, p: nn.Parameter, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    def read_state(self, p: nn.Parameter, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         hm = p._hp_mapping
         if hm is None:
             return {}
@@ -159,12 +159,12 @@ class Zero12Backend(DeepSpeedBackend):
             out[k] = hm.get_optim_state_fragment(k).clone()
         return out
 
-    def _write_state(self, entry: dict[str, Any], keys: Sequence[str]) -> None:
+    def write_state(self, entry: dict[str, Any], keys: Sequence[str]) -> None:
         """The fragments moved: assemble one parameter at a time from the old fragments of every rank."""
         p = entry["param"]
         old_start, old_numel = entry["frag"]
         hm = p._hp_mapping
-        new_start, new_numel = self._frag(p)
+        new_start, new_numel = self.piece(p)
         for key in ("fp32", *keys):
             buf = torch.zeros(p.numel(), dtype=torch.float32)
             if key in entry:

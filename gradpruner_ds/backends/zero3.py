@@ -17,6 +17,7 @@ from torch import nn
 
 from gradpruner_ds.backends.deepspeed import DeepSpeedBackend
 from gradpruner_ds.backends.sharded import teacher_name, teacher_refusal
+from gradpruner_ds.consensus import all_gather
 from gradpruner_ds.core.igia import Key, product_flat_slice
 
 
@@ -37,7 +38,7 @@ class Zero3Backend(DeepSpeedBackend):
 
     def make_teacher(self, model: nn.Module) -> nn.Module:
         """A frozen teacher partitioned like the student (:class:`Zero3Teacher`): this rank's slices only."""
-        teacher = Zero3Teacher(model, self.group)
+        teacher = Zero3Teacher(model, self.group, self.timeout_s)
         teacher.requires_grad_(False)
         return teacher
 
@@ -46,7 +47,7 @@ class Zero3Backend(DeepSpeedBackend):
         part = p.ds_tensor.numel()
         return max(0, min(part, p.ds_numel - self.rank * part))
 
-    def _frag(self, p: nn.Parameter) -> tuple[int, int]:
+    def piece(self, p: nn.Parameter) -> tuple[int, int]:
         return self.rank * p.ds_tensor.numel(), self._z3_valid(p)
 
     def local_grad(self, p: nn.Parameter) -> torch.Tensor | None:
@@ -55,13 +56,13 @@ class Zero3Backend(DeepSpeedBackend):
         g = safe_get_local_grad(p)
         return None if g is None else g.reshape(-1)[: self._z3_valid(p)]
 
-    def _local_grad(self, p: nn.Parameter) -> torch.Tensor:
+    def grad_piece(self, p: nn.Parameter) -> torch.Tensor:
         g = self.local_grad(p)
         if g is None:
             raise AssertionError("no local gradient: call observe() between engine.backward and engine.step")
         return g
 
-    def _shape(self, p: nn.Parameter) -> torch.Size:
+    def whole_shape(self, p: nn.Parameter) -> torch.Size:
         return p.ds_shape
 
     def global_numel(self, p: nn.Parameter) -> int:
@@ -99,7 +100,9 @@ class Zero3Backend(DeepSpeedBackend):
         ``stage3_param_persistence_threshold``): the forward reads that whole copy and nothing refreshes it from
         the slices of a frozen parameter (a LoRA base weight), so it is re-assembled from every rank's
         edited slice here (an all-gather: every rank stores the same parameters in the same order)."""
-        whole = _assemble(param.ds_tensor.detach(), param.ds_shape, int(param.ds_numel), self.group)
+        whole = _assemble(
+            param.ds_tensor.detach(), param.ds_shape, int(param.ds_numel), self.group, self.timeout_s
+        )
         param.data.copy_(whole.to(param.data.dtype))
 
     def transform_weight(self, param: nn.Parameter, fn: Callable[[torch.Tensor], torch.Tensor]) -> int:
@@ -111,9 +114,9 @@ class Zero3Backend(DeepSpeedBackend):
         src = safe_get_local_fp32_param(param) if param.requires_grad else param.ds_tensor
         piece = torch.zeros(part, dtype=torch.float32)
         piece[:valid] = src.reshape(-1)[:valid].float()
-        whole = _assemble(piece, param.ds_shape, int(param.ds_numel), self.group)
+        whole = _assemble(piece, param.ds_shape, int(param.ds_numel), self.group, self.timeout_s)
         new = fn(whole).float().reshape(-1)
-        start = self._frag(param)[0]
+        start = self.piece(param)[0]
         self.store_weight(param, new[start : start + valid].clone())
         return part * 4 * (self.world_size - 1)
 
@@ -131,17 +134,17 @@ class Zero3Backend(DeepSpeedBackend):
 
     # the base class's apply_merge (shard-local, through local_weights / store_weight) is exact here
 
-    def _kept_groups(self, gone: set[int], n_groups: int) -> list[list[nn.Parameter]]:
+    def kept_groups(self, gone: set[int], n_groups: int) -> list[list[nn.Parameter]]:
         opt = self.engine.optimizer  # ZeRO-3 splits each client group into sub-groups
         kept: list[list[nn.Parameter]] = [[] for _ in range(n_groups)]
         for i, sub in enumerate(opt.fp16_groups):
             kept[opt.sub_group_to_group_id[i]].extend(p for p in sub if id(p) not in gone)
         return kept
 
-    def _flat_partitions(self) -> list[torch.Tensor]:
+    def flat_partitions(self) -> list[torch.Tensor]:
         return list(self.engine.optimizer.fp32_partitioned_groups_flat)
 
-    def _read_state(self, p: nn.Parameter, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    def read_state(self, p: nn.Parameter, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
         out = {"fp32": safe_get_local_fp32_param(p).clone()}
@@ -149,7 +152,7 @@ class Zero3Backend(DeepSpeedBackend):
             out[k] = safe_get_local_optimizer_state(p, k).clone()
         return out
 
-    def _write_state(self, entry: dict[str, Any], keys: Sequence[str]) -> None:
+    def write_state(self, entry: dict[str, Any], keys: Sequence[str]) -> None:
         from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
         p = entry["param"]
@@ -170,8 +173,9 @@ class Zero3Teacher(nn.Module):
 
     inner: nn.Module
 
-    def __init__(self, model: nn.Module, group: Any) -> None:
+    def __init__(self, model: nn.Module, group: Any, timeout_s: float | None) -> None:
         super().__init__()
+        self.timeout_s = timeout_s
         import copy
 
         from gradpruner_ds.arch import decoder_layers
@@ -244,7 +248,7 @@ class Zero3Teacher(nn.Module):
     def _gather(self, names: list[str]) -> None:
         for n in names:
             shape, numel = self.shapes[n]
-            full = _assemble(getattr(self, _key(n)), shape, numel, self.group)
+            full = _assemble(getattr(self, _key(n)), shape, numel, self.group, self.timeout_s)
             for mod, attr in self.places[n]:
                 mod._parameters[attr] = nn.Parameter(full, requires_grad=False)
 
@@ -264,11 +268,11 @@ class Zero3Teacher(nn.Module):
             self._release(self.outside)
 
 
-def _assemble(shard: torch.Tensor, shape: torch.Size, numel: int, group: Any) -> torch.Tensor:
-    """The whole parameter from every rank's flat ZeRO-3 slice (an all-gather over ``group``)."""
-    shard = shard.reshape(-1).contiguous()
-    pieces = [torch.empty_like(shard) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(pieces, shard, group=group)
+def _assemble(
+    shard: torch.Tensor, shape: torch.Size, numel: int, group: Any, timeout_s: float | None
+) -> torch.Tensor:
+    """The whole parameter from every rank's flat ZeRO-3 slice (an all-gather over ``group``, bounded)."""
+    pieces = all_gather(shard.reshape(-1).contiguous(), timeout_s, group, "a ZeRO-3 weight gather")
     return torch.cat(pieces)[:numel].view(shape)
 
 

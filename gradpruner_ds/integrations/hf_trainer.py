@@ -39,16 +39,21 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from gradpruner_ds.arch import unwrap_model
-from gradpruner_ds.backends.base import Backend
+from gradpruner_ds.backends import backend_for, forget_removed_units, teacher_for
 from gradpruner_ds.checkpoint import (
     SUBDIR,
+    begin_save,
+    commit_checkpoint,
+    complete,
     load_pruner_state,
+    new_save_id,
     read_state,
     read_statistics,
     save_pruner_state,
     write_state_files,
 )
 from gradpruner_ds.config import GradPrunerConfig, load_config
+from gradpruner_ds.consensus import wait_all
 from gradpruner_ds.core.plan import PrunePlan
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
@@ -121,6 +126,18 @@ class GradPrunerCallback(TrainerCallback):
         pruned weights and optimizer state into the pruned architecture (and the window is not run again).
         :func:`add_gradpruner` calls this from ``trainer.train``."""
         folder = Path(checkpoint) / SUBDIR
+        if not complete(Path(checkpoint)):
+            intact = sorted(
+                (p for p in Path(checkpoint).parent.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if complete(p)),
+                key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1,
+            )
+            raise user_error(
+                "a Trainer checkpoint must be complete (every file written, then marked by GradPruner) to resume",
+                f"{checkpoint} has no valid {SUBDIR}/complete.json",
+                f"resume_from_checkpoint='{intact[-1]}' (the newest complete one)"
+                if intact
+                else "start over",
+            )
         state = read_state(folder)
         self._resume = (folder, state)
         self._resumed_state = state
@@ -146,10 +163,7 @@ class GradPrunerCallback(TrainerCallback):
             # before the surgery), its saved weights loaded into it
             self._resumed_distiller = self._resume_distiller(folder, model)
             apply_surgery(model, plan)
-            from gradpruner_ds.backends.fsdp2 import FSDP2Backend, is_fsdp2
-
-            if is_fsdp2(model):  # forget the removed units' lazy-init bookkeeping
-                FSDP2Backend(model).rebuild(model, [], None, None)
+            forget_removed_units(model)  # FSDP2: the removed units' lazy-init bookkeeping
         self._resumed_plan = plan
         log.info(
             "resuming a pruned run from %s: layers %s removed before loading it",
@@ -164,7 +178,7 @@ class GradPrunerCallback(TrainerCallback):
         path = folder / f"stats_rank{rank}.safetensors"
         if not path.exists():
             return None
-        saved = read_statistics(path).get("recovery")
+        saved = read_statistics(path, (self._resumed_state or {}).get("save_id", "")).get("recovery")
         if saved is None:
             return None
         if self.config is None:  # a bare callback: its block is read from the DeepSpeed config later
@@ -178,7 +192,7 @@ class GradPrunerCallback(TrainerCallback):
             return None
         if self.config.recovery is None:  # the digest check would have caught a block
             return None
-        distiller = Distiller(self.config.recovery, _teacher_of(model))
+        distiller = Distiller(self.config.recovery, teacher_for(model, self.config.consensus_timeout_s))
         distiller.load_state_dict(saved)
         return distiller
 
@@ -226,14 +240,29 @@ class GradPrunerCallback(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Every Trainer checkpoint carries GradPruner's state: ``checkpoint-<step>/gradpruner/``."""
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / SUBDIR
+        ckpt = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        folder = ckpt / SUBDIR
+        rank = getattr(args, "process_index", 0)
+        backend = self.pruner.backend if self.pruner is not None else None
+        timeout = self.config.consensus_timeout_s if self.config is not None else 300.0
+
+        def barrier() -> None:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                wait_all(timeout, getattr(backend, "group", None), "the checkpoint commit")
+
+        begin_save(ckpt, rank, barrier)  # the Trainer's files are written: GradPruner's of an earlier save go
+        save_id = new_save_id(backend) if backend is not None else f"{state.global_step:016x}"
         if self.pruner is not None:
-            save_pruner_state(self.pruner, folder)
+            save_pruner_state(self.pruner, folder, save_id)
         elif self._resumed_plan is not None:
             assert self._resumed_state is not None
             d = self._resumed_distiller
             stats = {"recovery": d.state_dict() if d is not None and d.active else None}
-            write_state_files(folder, self._resumed_state, stats, getattr(args, "process_index", 0))
+            write_state_files(folder, self._resumed_state, stats, rank, save_id)
+        else:
+            return
+        # the marker binds every file of the checkpoint (the Trainer's and ours); resumes check it
+        commit_checkpoint(ckpt.parent, ckpt.name, rank, barrier, latest=False, save_id=save_id)
 
     # ---- start -----------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -246,19 +275,13 @@ class GradPrunerCallback(TrainerCallback):
                 None,
                 'pass GradPrunerCallback({"prune_ratio": 0.3, ...}) or add_gradpruner(trainer, {...})',
             )
-        backend: Backend
-        from gradpruner_ds.backends.fsdp2 import FSDP2Backend, is_fsdp2
-
-        if is_fsdp2(model):
-            backend = FSDP2Backend(model)
-        else:
-            backend = Backend()
-            if getattr(args, "world_size", 1) > 1:
-                raise user_error(
-                    "GradPrunerCallback supports one process, DeepSpeed ZeRO-1/2/3 or FSDP2 (fully_shard) sharding",
-                    f"world_size {args.world_size} with neither",
-                    "use a DeepSpeed config, an FSDP2-sharded model (fully_shard / DistributedConfig), or one process",
-                )
+        backend = backend_for(model)
+        if backend.world_size == 1 and getattr(args, "world_size", 1) > 1:
+            raise user_error(
+                "GradPrunerCallback supports one process, DeepSpeed ZeRO-1/2/3 or FSDP2 (fully_shard) sharding",
+                f"world_size {args.world_size} with neither",
+                "use a DeepSpeed config, an FSDP2-sharded model (fully_shard / DistributedConfig), or one process",
+            )
         self.config = self._with_output_dir(self.config, args)
         self._check_distillation()
         if self._resumed_plan is None:
@@ -274,7 +297,7 @@ class GradPrunerCallback(TrainerCallback):
             )
 
     def _begin_deepspeed(self, args: Any, state: Any) -> None:
-        from gradpruner_ds.backends.deepspeed import for_deepspeed
+        from gradpruner_ds.integrations.deepspeed import for_deepspeed
 
         trainer = self.trainer
         if trainer is None:
@@ -473,20 +496,3 @@ def distilled_loss(pruner: Any, loss: Any, outputs: Any, batch: Mapping[str, Any
                 factor = loss.detach().float() / mean_ce
     factor = factor.to(loss.device)
     return pruner.distill(loss / factor, logits, batch) * factor
-
-
-def _teacher_of(model: Any) -> Any:
-    """The distillation teacher for ``model`` as the Trainer holds it before its engine exists: sharded like
-    it under FSDP2 (``fully_shard``) and ZeRO-3 (parameters partitioned at load time), else a whole copy
-    (one process, ZeRO-1/2, whose engine does not partition the module's weights)."""
-    from gradpruner_ds.backends.fsdp2 import FSDP2Backend, is_fsdp2
-
-    if is_fsdp2(model):
-        return FSDP2Backend(model).make_teacher(model)
-    if any(hasattr(p, "ds_tensor") for p in model.parameters()):
-        from gradpruner_ds.backends.zero3 import Zero3Teacher
-
-        teacher = Zero3Teacher(model, None)
-        teacher.requires_grad_(False)
-        return teacher
-    return Backend().make_teacher(model)

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from gradpruner_ds.arch import ArchSpec
-from gradpruner_ds.backends.base import EngineAdapter
 from gradpruner_ds.config import GradPrunerConfig
 from gradpruner_ds.core.igia import Key
 from gradpruner_ds.core.scoring import Criterion
+from gradpruner_ds.engine import EngineAdapter
 
 
 class StepGradients(NamedTuple):

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from gradpruner_ds.arch import decoder_layers, layer_linears, linear_weight, lora_factors
-from gradpruner_ds.backends.base import EngineAdapter
 from gradpruner_ds.core.igia import IGIAAccumulator, Key, sq_norms
 from gradpruner_ds.core.scoring import get_criterion, partial_table
+from gradpruner_ds.engine import EngineAdapter
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
 from gradpruner_ds.statistics.base import BuildContext, Statistic, StepGradients

@@ -163,7 +163,7 @@ def _disagree(rank: int, world: int, mode: str) -> dict:
         orig_scores = GradPruner.compute_scores
         GradPruner.compute_scores = lambda self: [-s for s in orig_scores(self)]
     if rank == 1 and mode == "absent":  # trains normally, then is stuck elsewhere instead of the check
-        import gradpruner_ds.dist as gdist
+        import gradpruner_ds.consensus as gdist
 
         def stuck(*args, **kwargs):
             time.sleep(12.0)
@@ -196,7 +196,7 @@ def test_ranks_with_different_settings_fail_at_the_start_naming_the_field():
 def test_a_rank_that_never_reaches_the_plan_check_fails_within_the_timeout():
     r0, r1 = run_ranks(_disagree, 2, "absent", barrier=False, timeout=120)
     assert r0["error"] is not None and r0["error"].startswith(
-        "gradpruner: the ranks did not all reach the plan check"
+        "gradpruner: not every rank reached the plan check"
     )
     assert r1["error"] == "simulated stuck rank"
 
@@ -272,16 +272,16 @@ def _crash_in_save(rank: int, world: int, where: str, ck: str) -> dict:
         orig_state = checkpoint.save_pruner_state
         orig_commit = checkpoint.commit_checkpoint
 
-        def save_state(pruner, folder):
+        def save_state(pruner, folder, *args):
             state["saves"] += 1
             if where == "gradpruner" and rank == 1 and state["saves"] == 2:
                 os._exit(3)
-            return orig_state(pruner, folder)
+            return orig_state(pruner, folder, *args)
 
-        def commit(save_dir, tag, r, wait_all):
+        def commit(save_dir, tag, r, wait_all, **kw):
             if where == "commit" and rank == 0 and state["saves"] == 2:
                 os._exit(3)
-            return orig_commit(save_dir, tag, r, wait_all)
+            return orig_commit(save_dir, tag, r, wait_all, **kw)
 
         checkpoint.save_pruner_state = save_state
         checkpoint.commit_checkpoint = commit

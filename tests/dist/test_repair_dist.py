@@ -79,3 +79,16 @@ def test_zero3_resume_inside_the_repair_phase_equals_the_uninterrupted_run(tmp_p
     for a, b in zip(first, rest, strict=True):
         assert a["losses"] + b["losses"] == pytest.approx(ref["losses"], abs=1e-5)
         assert b["repair"]["runs"][0]["tokens"] == ref["repair"]["runs"][0]["tokens"]
+
+
+@pytest.mark.parametrize("save_at", [3, 5])  # inside the repair phase, after the cut
+def test_fsdp2_resume_from_an_engine_neutral_checkpoint_equals_the_uninterrupted_run(tmp_path, save_at):
+    """``gradpruner_ds.save_checkpoint`` / ``load_checkpoint`` on an FSDP2 loop: each rank's shards of the weights
+    and of the optimizer state, the scheduler and GradPruner's state; the resumed run equals one process."""
+    run = functools.partial(fsdp2_run, num_layers=7, ckpt_dir=str(tmp_path))
+    first = run_ranks(functools.partial(run, save_at=save_at), 2, BLOCK, STEPS, MICRO, GAS, CLIP)
+    assert (tmp_path / f"step{save_at}" / "engine_rank1.safetensors").exists()
+    rest = run_ranks(functools.partial(run, resume=True), 2, BLOCK, STEPS, MICRO, GAS, CLIP)
+    ref = reference()
+    for a, b in zip(first, rest, strict=True):
+        assert a["losses"] + b["losses"] == pytest.approx(ref["losses"], abs=1e-5)

@@ -161,7 +161,8 @@ def deepspeed_run(
 
     import deepspeed
 
-    from gradpruner_ds.backends.deepspeed import DeepSpeedBackend, load_checkpoint, save_checkpoint
+    from gradpruner_ds.backends import backend_for
+    from gradpruner_ds.checkpoint import load_checkpoint, save_checkpoint
     from gradpruner_ds.diagnostics import count_collectives, live_tensor_bytes
 
     model = make_model(num_layers, lora)
@@ -180,7 +181,7 @@ def deepspeed_run(
         engine.module,
         GradPrunerConfig.from_dict(block),
         total_steps=steps,
-        backend=DeepSpeedBackend(engine, cfg),
+        backend=backend_for(engine, ds_config=cfg),
     )
     out: dict[str, Any] = {"observe_calls": [], "plan_calls": [], "merge_calls": []}
     if instrument:
@@ -250,8 +251,13 @@ def fsdp2_run(
     lora: bool = False,
     bf16: bool = False,
     instrument: bool = False,
+    ckpt_dir: str | None = None,
+    save_at: int | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """The same recipe under FSDP2: fully_shard per decoder layer + root, each rank its rows."""
+    """The same recipe under FSDP2: fully_shard per decoder layer + root, each rank its rows. ``save_at=k``
+    saves a checkpoint (``gradpruner_ds.save_checkpoint``) after optimizer step k and stops; ``resume`` loads
+    the latest one from ``ckpt_dir`` first and runs the remaining steps."""
     import gc
 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -274,7 +280,16 @@ def fsdp2_run(
     )
     out: dict[str, Any] = {"observe_calls": []}
     losses = []
-    for micro_batches in global_batches(steps, world, micro, gas):
+    start = 0
+    if resume:
+        from gradpruner_ds.checkpoint import load_checkpoint
+
+        assert ckpt_dir is not None
+        opt, sched, client = load_checkpoint(opt, pruner, ckpt_dir, lr_scheduler=sched)
+        start = client["step"]
+    for step, micro_batches in enumerate(global_batches(steps, world, micro, gas)):
+        if step < start:
+            continue
 
         def before() -> None:  # after the optimizer step: the window may be complete now
             if instrument and pruner.cutting:
@@ -287,6 +302,12 @@ def fsdp2_run(
             gc.collect()
             out["bytes_after"] = live_tensor_bytes()
         losses.append(loss)
+        if save_at is not None and step + 1 == save_at:
+            from gradpruner_ds.checkpoint import save_checkpoint
+
+            assert ckpt_dir is not None
+            save_checkpoint(opt, pruner, ckpt_dir, client_state={"step": step + 1}, lr_scheduler=sched)
+            return {"losses": losses}
     return run_result(out, losses, pruner)
 
 

@@ -436,3 +436,24 @@ def test_trainer_callback_with_repair_and_with_stages(tmp_path, block):
         assert layers == [6, 6, 5, 5, 5, 4, 4, 4]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 8 and all(x == x for x in losses)
+
+
+def test_a_trainer_checkpoint_rewritten_after_its_commit_is_refused_with_the_intact_one_named(tmp_path, uninterrupted):
+    """GradPruner marks every Trainer checkpoint complete once all its files are written (their sizes and
+    modification times); a checkpoint whose files changed afterwards (a save under the same name that died
+    half-way) is refused, naming the newest complete checkpoint, before the model is touched."""
+    import shutil
+
+    from gradpruner_ds.integrations.hf_trainer import add_gradpruner
+
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted["out"], out)
+    assert (out / "checkpoint-6" / "gradpruner" / "complete.json").exists()
+    weights = next((out / "checkpoint-6").glob("model*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # rewritten: same content, a new modification time
+    model = tiny_llama(6)
+    trainer = Trainer(model=model, args=_resume_args(tmp_path / "new", save=False), train_dataset=_Data())
+    add_gradpruner(trainer, BLOCK)
+    with pytest.raises(ValueError, match=r"must be complete.*checkpoint-8' \(the newest complete one\)"):
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-6"))
+    assert model.config.num_hidden_layers == 6

@@ -84,13 +84,17 @@ def _unknown_family() -> None:
 
 
 def _zero0(tmp: Path) -> None:
-    from gradpruner_ds.backends.deepspeed import DeepSpeedBackend
+    import torch
 
-    class Engine:  # only what the constructor reads: the stage check comes first
+    from gradpruner_ds.backends import backend_for
+
+    class Engine:  # only what the picker reads: the stage check comes first
+        module = torch.nn.Linear(1, 1)
+
         def zero_optimization_stage(self) -> int:
             return 0
 
-    DeepSpeedBackend(Engine(), {})
+    backend_for(Engine(), ds_config={})
 
 
 def _world_changed(tmp: Path) -> None:

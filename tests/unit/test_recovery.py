@@ -164,7 +164,7 @@ def test_the_teacher_copy_carries_no_hooks_and_the_student_keeps_them():
     """An engine's or a statistic's hook copied into the teacher would run on the teacher's forward (a copy
     of the engine, the student's statistics fed the teacher's activations): the copy has none, the model
     keeps every one."""
-    from gradpruner_ds.backends.base import Backend
+    from gradpruner_ds.backends.plain import Backend
 
     model = tiny_llama(4)
     seen = []

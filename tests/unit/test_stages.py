@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers.tiny import batches, tiny_llama
 
-from gradpruner_ds.backends.base import Backend
+from gradpruner_ds.backends.plain import Backend
 from gradpruner_ds.checkpoint import load_pruner_state, save_pruner_state
 from gradpruner_ds.config import GradPrunerConfig
 from gradpruner_ds.errors import GradPrunerError
@@ -104,10 +104,10 @@ def test_resume_between_and_inside_stages_is_exact(tmp_path, stop):
     cfg = GradPrunerConfig.from_dict(BLOCK)
     model = tiny_llama(7)
     opt = _opt(model)
-    pruner = GradPruner(model, cfg, total_steps=STEPS)
+    whole = GradPruner(model, cfg, total_steps=STEPS)
     straight = []
     for b in data:
-        loss, opt = _step(model, pruner, opt, b)
+        loss, opt = _step(model, whole, opt, b)
         straight.append(loss)
 
     model = tiny_llama(7)
@@ -133,4 +133,4 @@ def test_resume_between_and_inside_stages_is_exact(tmp_path, stop):
         loss, opt = _step(dense, resumed, opt, b)
         rest.append(loss)
     assert first + rest == pytest.approx(straight, abs=1e-6)
-    assert resumed.plan is not None and pruner.plan is not None and resumed.plan.dropped == pruner.plan.dropped
+    assert resumed.plan is not None and whole.plan is not None and resumed.plan.dropped == whole.plan.dropped

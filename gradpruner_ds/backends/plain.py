@@ -1,9 +1,10 @@
-"""What the pruner needs from a training engine, and the single-process (plain PyTorch) engine."""
+"""The single-process (plain PyTorch) engine: gradients, weights and the optimizer are plain PyTorch objects."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,73 +12,13 @@ from torch import nn
 from gradpruner_ds.core.igia import Key, sq_norms
 from gradpruner_ds.core.merge import MergeRule, merge_
 from gradpruner_ds.core.plan import PrunePlan
-
-MergeGroup = tuple[Key, Sequence[tuple[Key, torch.Tensor]]]
-"""(target matrix, [(merged matrix, this rank's piece of its top-p mask), ...])."""
-
-
-@runtime_checkable
-class EngineAdapter(Protocol):
-    """The engine contract: everything :class:`~gradpruner_ds.pruner.GradPruner` asks of a training engine.
-    One implementation per engine, each in its own module: :class:`Backend` (plain PyTorch, one process),
-    ``backends/deepspeed.py`` (ZeRO-1/2/3), ``backends/fsdp2.py`` (``fully_shard``). Nothing outside
-    ``gradpruner_ds/backends/`` touches an engine's internals (``tests/unit/test_layering.py``).
-
-    Where the pieces are: ``local_grad`` / ``full_grads`` / ``lora_grads`` (this rank's reduced gradient
-    pieces), ``local_weights`` / ``global_numel`` / ``lora_slices`` (this rank's weight pieces, laid out
-    like the gradient pieces). Across ranks: ``all_reduce_sum_``, ``all_true``, ``check_settings``,
-    ``check_plan``, ``check_same`` (each bounded by ``timeout_s``). The step: ``at_boundary``, ``step_check`` (finite
-    gradients and the clip / loss-scale factor applied after the read). Changing the model:
-    ``apply_merge`` / ``store_weight`` (every copy of a weight the engine keeps) and ``rebuild`` (carry the
-    kept parameters' optimizer state into the engine over the pruned model; returns the objects the loop
-    uses from then on) and ``reset_optimizer_state``. Recovery: ``make_teacher`` (a frozen copy of the model laid out like it) unless
-    ``teacher_refused`` says why this engine cannot. Reporting: ``log_events``.
-    """
-
-    rank: int
-    world_size: int
-    timeout_s: float | None
-    teacher_refused: str | None
-
-    def at_boundary(self) -> bool: ...
-    def all_reduce_sum_(self, t: torch.Tensor) -> None: ...
-    def all_true(self, flag: bool) -> bool: ...
-    def check_settings(self, settings: dict[str, Any], timeout_s: float) -> None: ...
-    def check_plan(self, plan: PrunePlan, timeout_s: float) -> None: ...
-    def step_check(
-        self,
-        observed: Iterable[torch.Tensor],
-        norms: torch.Tensor | None = None,
-        params: Collection[nn.Parameter] = (),
-    ) -> tuple[bool, float]: ...
-    def local_grad(self, p: nn.Parameter) -> torch.Tensor | None: ...
-    def full_grads(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, torch.Tensor]: ...
-    def lora_grads(
-        self, factors: Mapping[Key, tuple[nn.Parameter, nn.Parameter]]
-    ) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]: ...
-    def local_weights(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, torch.Tensor]: ...
-    def global_numel(self, p: nn.Parameter) -> int: ...
-    def lora_slices(self, params: Mapping[Key, nn.Parameter]) -> dict[Key, tuple[int, int]] | None: ...
-    def apply_merge(
-        self,
-        params: Mapping[Key, nn.Parameter],
-        groups: Sequence[MergeGroup],
-        merge_rule: MergeRule,
-        sign_consistent: bool = True,
-    ) -> dict[Key, tuple[int, int]]: ...
-    def store_weight(self, param: nn.Parameter, local_piece: torch.Tensor) -> None: ...
-    def transform_weight(self, param: nn.Parameter, fn: Callable[[torch.Tensor], torch.Tensor]) -> int: ...
-    def reset_optimizer_state(self, stepper: Any, params: Sequence[nn.Parameter]) -> None: ...
-    def check_same(self, digest: str, what: str) -> None: ...
-    def log_events(self, events: Mapping[str, float], step: int) -> None: ...
-    def make_teacher(self, model: nn.Module) -> nn.Module: ...
-    def rebuild(
-        self, model: nn.Module, removed_params: list[nn.Parameter], optimizer: Any, lr_scheduler: Any
-    ) -> tuple[Any, Any]: ...
+from gradpruner_ds.engine import MergeGroup
+from gradpruner_ds.errors import user_error
 
 
 class Backend:
-    """One process, no sharding: gradients, weights and the optimizer are plain PyTorch objects.
+    """One process, no sharding: gradients, weights and the optimizer are plain PyTorch objects (the
+    :class:`~gradpruner_ds.engine.EngineAdapter` contract's reference implementation).
 
     Sharded engines subclass this and override the hooks: where the reduced local gradient shard is,
     which piece of a weight this rank holds, how to sum over ranks, and how to rebuild the engine.
@@ -208,6 +149,87 @@ class Backend:
             for key, value in stepper.state.get(p, {}).items():
                 if key != "step" and isinstance(value, torch.Tensor):
                     value.zero_()
+
+    # ---- checkpoints of the engine's own state ----------------------------------------------------
+    def default_tag(self, stepper: Any) -> str:
+        """The checkpoint tag when none is given: ``step<optimizer steps taken>``."""
+        steps = [int(st["step"]) for st in getattr(stepper, "state", {}).values() if "step" in st]
+        return f"step{max(steps, default=0)}"
+
+    def save_engine_state(
+        self,
+        stepper: Any,
+        model: nn.Module,
+        save_dir: Path,
+        tag: str,
+        lr_scheduler: Any,
+        client_state: Mapping[str, Any],
+        save_id: str,
+    ) -> None:
+        """This rank's model weights, optimizer and scheduler state and ``client_state`` (JSON-able) as
+        ``<tag>/engine_rank<r>.safetensors`` (no pickle; this rank's shards where the engine shards)."""
+        from gradpruner_ds.io import write_tensors
+
+        state = {
+            "model": {k: self.local(v) for k, v in model.state_dict().items()},
+            "optimizer": self.optimizer_state(stepper),
+            "scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+            "client": dict(client_state),
+        }
+        (save_dir / tag).mkdir(parents=True, exist_ok=True)
+        write_tensors(save_dir / tag / f"engine_rank{self.rank}.safetensors", state, save_id)
+
+    def load_engine_state(
+        self, stepper: Any, model: nn.Module, load_dir: Path, tag: str, lr_scheduler: Any
+    ) -> dict[str, Any]:
+        """Restore :meth:`save_engine_state` into ``model`` (already replayed to the saved structure), the
+        optimizer ``stepper`` and ``lr_scheduler``; returns the client state."""
+        import json
+
+        from gradpruner_ds.io import read_tensors
+
+        save_id = json.loads((load_dir / tag / "gradpruner" / "state.json").read_text()).get("save_id", "")
+        path = load_dir / tag / f"engine_rank{self.rank}.safetensors"
+        saved = read_tensors(path, save_id, what="engine state")
+        weights = model.state_dict()
+        if set(weights) != set(saved["model"]):
+            raise user_error(
+                "a checkpoint's model weights must be those of the model it is loaded into",
+                f"{path}: {sorted(set(weights) ^ set(saved['model']))[:4]} differ",
+                "resume with the model (and gradpruner block) of the run that saved it",
+            )
+        with torch.no_grad():
+            for k, v in weights.items():
+                self.local(v).copy_(saved["model"][k])
+        if stepper is not None:
+            self.load_optimizer_state(stepper, saved["optimizer"])
+        if lr_scheduler is not None and saved["scheduler"] is not None:
+            lr_scheduler.load_state_dict(saved["scheduler"])
+        return dict(saved["client"])
+
+    @staticmethod
+    def local(t: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of a model or optimizer tensor (the tensor itself in one process)."""
+        return t
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any] | None:
+        """The torch optimizer's state dict (this rank's pieces of its tensors)."""
+        if optimizer is None:
+            return None
+        sd = optimizer.state_dict()
+        return {"state": {str(k): {n: self.local(v) if torch.is_tensor(v) else v for n, v in st.items()}
+                          for k, st in sd["state"].items()},
+                "param_groups": sd["param_groups"]}  # fmt: skip
+
+    def load_optimizer_state(self, optimizer: Any, saved: Mapping[str, Any] | None) -> None:
+        if saved is None:
+            return
+        optimizer.load_state_dict(
+            {
+                "state": {int(k): dict(v) for k, v in saved["state"].items()},
+                "param_groups": saved["param_groups"],
+            }
+        )
 
     def log_events(self, events: Mapping[str, float], step: int) -> None:
         """Send the prune's scalar events to the engine's experiment tracker (none here)."""

@@ -1,4 +1,8 @@
-"""Collectives that compose core results across ranks (torch.distributed; gloo, NCCL or MPI groups)."""
+"""Consensus across ranks: every collective GradPruner issues itself (torch.distributed; gloo, NCCL or MPI
+groups), each waited on at most ``consensus_timeout_s`` -- the sum of partial tables, the proof that every
+rank runs the same settings and holds the same plan (and the same repair maps), the checkpoint barrier, and
+the all-gather the ZeRO-3 backend assembles a weight with. A rank that never arrives (it crashed, or took
+another code path) turns into a ``gradpruner:`` error on the waiting ranks instead of a hang."""
 
 from __future__ import annotations
 
@@ -56,14 +60,41 @@ def check_same_settings(
     )
     if torch.equal(both[:4], -both[4:]):
         return
-    every: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(every, settings, group=group)
+    every = [json.loads(b) for b in all_gather_bytes(blob.encode(), timeout_s, group, "the settings check")]
     fields = sorted({k for s in every for k in s if any(s.get(k) != o.get(k) for o in every)})
     values = {k: [s.get(k) for s in every] for k in fields}
     raise GradPrunerError(
         f"gradpruner: every rank must run GradPruner with the same settings, but these differ (value per rank): "
         f"{values}. Fix: give every rank the same gradpruner block and flags"
     )
+
+
+def all_gather(
+    t: torch.Tensor, timeout_s: float | None, group: dist.ProcessGroup | None = None, what: str = ""
+) -> list[torch.Tensor]:
+    """Every rank's ``t`` (same shape on every rank), in rank order, bounded by ``timeout_s``."""
+    pieces = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    _wait(
+        dist.all_gather(pieces, t, group=group, async_op=True), timeout_s, what or "a GradPruner all-gather"
+    )
+    return pieces
+
+
+def all_gather_bytes(
+    blob: bytes, timeout_s: float | None, group: dist.ProcessGroup | None = None, what: str = ""
+) -> list[bytes]:
+    """Every rank's ``blob`` (any length), in rank order: two bounded collectives (the longest length, then the
+    padded bytes)."""
+    n = torch.tensor([len(blob)], dtype=torch.int64)
+    _wait(dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s, what)
+    buf = torch.zeros(int(n) + 8, dtype=torch.uint8)
+    buf[:8] = torch.tensor(list(len(blob).to_bytes(8, "little")), dtype=torch.uint8)
+    buf[8 : 8 + len(blob)] = torch.tensor(list(blob), dtype=torch.uint8)
+    out = []
+    for piece in all_gather(buf, timeout_s, group, what):
+        size = int.from_bytes(bytes(piece[:8].tolist()), "little")
+        out.append(bytes(piece[8 : 8 + size].tolist()))
+    return out
 
 
 def digest_tensor(hex_digest: str) -> torch.Tensor:
@@ -82,20 +113,9 @@ def check_same_plan(plan: PrunePlan, timeout_s: float, group: dist.ProcessGroup 
     """
     words = digest_tensor(plan.digest())
     both = torch.cat([words, -words])  # MAX of -x is -MIN of x: one collective gives min and max
-    work = dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group, async_op=True)
-    try:
-        finished = work.wait(timeout=timedelta(seconds=timeout_s))
-    except RuntimeError as exc:
-        raise GradPrunerError(
-            f"gradpruner: the ranks did not all reach the plan check within consensus_timeout_s={timeout_s}s "
-            f"({exc}). Fix: look for a rank that failed earlier in its log; raise consensus_timeout_s for very "
-            "slow ranks"
-        ) from exc
-    if finished is False:
-        raise GradPrunerError(
-            f"gradpruner: the ranks did not all reach the plan check within consensus_timeout_s={timeout_s}s. "
-            "Fix: look for a rank that failed earlier in its log"
-        )
+    _wait(
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group, async_op=True), timeout_s, "the plan check"
+    )
     max_words, neg_min_words = both[:4], both[4:]
     if not torch.equal(max_words, -neg_min_words):
         rank = dist.get_rank(group)
