@@ -98,6 +98,61 @@ class StepTimer:
         self._last = time.perf_counter()
 
 
+class PruneReport:
+    """The report of one run's prune, kept up to date: an entry per cut (stage), the whole prune so far, the
+    step-time ratio once measured; written on rank 0 after each change (a failure to write is logged, never
+    fatal: the expensive part of the run is done), and the tracker events."""
+
+    def __init__(self, output_dir: str | None, plot: bool, rank: int, stages: int) -> None:
+        self.output_dir, self.plot, self.rank, self.stages = output_dir, plot, rank, stages
+        self.entries: list[dict[str, Any]] = []
+        self.data: dict[str, Any] | None = None
+        self.whole: PrunePlan | None = None
+        self.timer = StepTimer()
+
+    def add_cut(self, whole: PrunePlan, entry: dict[str, Any], extra: Mapping[str, Any]) -> None:
+        """One more cut: ``whole`` is the prune so far (original indices), ``entry`` this cut's record (its plan,
+        parameter counts, time), ``extra`` the report's own fields of this cut (merge, repair, memory, ...)."""
+        self.entries.append(entry)
+        self.whole = whole
+        self.data = build_report(
+            whole,
+            params_before=self.entries[0]["params_before"],
+            params_after=entry["params_after"],
+            extra=extra,
+        )
+        self.data["prune_s"] = sum(e["prune_s"] for e in self.entries)
+        if self.stages > 1:
+            self.data["stages"] = self.entries
+
+    def tick(self, pruned: bool) -> None:
+        """One optimizer step ended (``pruned``: after the first cut): the step-time entry once measured."""
+        entry = self.timer.tick(pruned)
+        if entry is not None and self.data is not None:
+            self.data["step_time_s"] = entry
+            self.write(update=True)
+
+    def events(self) -> dict[str, float]:
+        return (
+            tracker_events(self.whole, self.data) if self.whole is not None and self.data is not None else {}
+        )
+
+    def write(self, update: bool = False) -> None:
+        if self.output_dir is None or self.rank != 0 or self.data is None or self.whole is None:
+            return
+        try:
+            paths = write_report(Path(self.output_dir), self.data, self.whole, plot=self.plot)
+        except Exception as exc:  # noqa: BLE001 - any failure to write is reported, never fatal
+            log.warning(
+                "could not write the GradPruner report to %s (%s); training goes on", self.output_dir, exc
+            )
+            return
+        if update:
+            log.debug("report updated with the step times: %s", ", ".join(str(p) for p in paths))
+        else:
+            log.info("report written: %s", ", ".join(str(p) for p in paths))
+
+
 def plot_scores(plan: PrunePlan, title: str = "") -> bytes:
     """PNG bytes: a bar per layer (log scale), dropped red, merged orange with its target, kept blue."""
     import matplotlib

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from gradpruner_ds.arch import ArchSpec, decoder_layers, get_arch, unwrap_model, wrapper_chain
+from gradpruner_ds.core.plan import PrunePlan
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
 
@@ -270,3 +271,30 @@ def remove_layers(model: Any, drop: Sequence[int]) -> list[int]:
         kept,
     )
     return kept
+
+
+def apply_surgery(model: Any, plan: PrunePlan, whole: PrunePlan | None = None) -> list[nn.Parameter]:
+    """Remove the plan's layers (positions in the model as it is now) from ``model`` and record the prune in its
+    config (``config.gradpruner``, saved with the model); returns the removed parameters (for the engine's
+    rebuild to forget). ``whole``: the prune so far in original indices (default: the plan), whose digest and
+    kept layers are recorded."""
+    removed_params = [p for i in plan.removed for p in decoder_layers(model)[i].parameters()]
+    remove_layers(model, list(plan.removed))
+    whole = whole or plan
+    unwrap_model(model).config.gradpruner = {
+        "plan_digest": whole.digest(),
+        "kept_layers": list(whole.kept),
+        "original_num_layers": whole.num_layers,
+    }
+    return removed_params
+
+
+def count_params(model: nn.Module, backend: Any = None) -> int:
+    """Number of parameters of the model as it is saved (whole tensors, also when the engine shards them:
+    ``backend.global_numel``): peft LoRA adapters are not counted, since the saved model has them merged into
+    the weights they adapt."""
+    total = 0
+    for name, p in model.named_parameters():
+        if ".lora_" not in name:
+            total += backend.global_numel(p) if backend is not None else p.numel()
+    return total

@@ -57,8 +57,9 @@ from gradpruner_ds.consensus import wait_all
 from gradpruner_ds.core.plan import PrunePlan
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
-from gradpruner_ds.pruner import GradPruner, apply_surgery
+from gradpruner_ds.pruner import GradPruner
 from gradpruner_ds.recovery import Distiller
+from gradpruner_ds.surgery import apply_surgery
 
 log = get_logger("hf_trainer")
 
