@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gradpruner_ds.core.scoring import CRITERIA
+from gradpruner_ds.core.criteria import CRITERIA
 from gradpruner_ds.errors import GradPrunerError, user_error
 from gradpruner_ds.io import read_json_file
 

@@ -17,8 +17,8 @@ import torch
 
 from gradpruner_ds.arch import decoder_layers, get_arch, layer_linears, linear_weight
 from gradpruner_ds.config import GradPrunerConfig
+from gradpruner_ds.core.criteria import get_criterion
 from gradpruner_ds.core.plan import make_plan
-from gradpruner_ds.core.scoring import get_criterion
 from gradpruner_ds.statistics import required
 from gradpruner_ds.surgery import remove_layers
 

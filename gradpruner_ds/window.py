@@ -2,7 +2,7 @@
 opens), the per-step finite check that decides which steps count, the scores and the plan of the window.
 
 The pruner opens one window per stage (:mod:`gradpruner_ds.pruner`); the statistics are classes of
-:mod:`gradpruner_ds.statistics`, the criteria of :mod:`gradpruner_ds.core.scoring`, the plan is
+:mod:`gradpruner_ds.statistics`, the criteria of :mod:`gradpruner_ds.core.criteria`, the plan is
 :func:`gradpruner_ds.core.plan.make_plan`, checked for agreement across ranks by the engine adapter.
 """
 
@@ -17,9 +17,9 @@ from torch import nn
 
 from gradpruner_ds.arch import ArchSpec, decoder_layers, unwrap_model
 from gradpruner_ds.config import GradPrunerConfig
+from gradpruner_ds.core.criteria import ScoreContext, get_criterion, layer_scores
 from gradpruner_ds.core.igia import Key, sq_norms
 from gradpruner_ds.core.plan import PrunePlan, make_plan
-from gradpruner_ds.core.scoring import ScoreContext, get_criterion, layer_scores
 from gradpruner_ds.engine import EngineAdapter
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gradpruner_ds.backends.optimizer_state import CarriedState
 from gradpruner_ds.backends.sharded import ShardedBackend
 from gradpruner_ds.core.igia import Key, sq_norms
 from gradpruner_ds.diagnostics import release_memory
@@ -190,16 +191,7 @@ class DeepSpeedBackend(ShardedBackend):
         client_cls = type(client)
         hparams = [{k: v for k, v in g.items() if k != "params"} for g in client.param_groups]
         kept_groups = self.kept_groups(gone, len(hparams))
-        step = _adam_step(client)
-        moments = any("exp_avg" in st for st in client.state.values())  # none before the first step
-        keys = ("exp_avg", "exp_avg_sq") if moments else ()
-        if moments:
-            self.link_state()
-        carried = {
-            id(p): {"param": p, "frag": self.piece(p), **self.read_state(p, keys)}
-            for g in kept_groups
-            for p in g
-        }
+        carried = CarriedState(self, client, kept_groups)
         counters = {
             k: getattr(old, k) for k in ("global_steps", "global_samples", "micro_steps", "skipped_steps")
         }
@@ -227,17 +219,7 @@ class DeepSpeedBackend(ShardedBackend):
         self.group = engine.optimizer.dp_process_group
         for k, v in counters.items():
             setattr(engine, k, v)
-        # torch Adam creates its state lazily at the first step: create it now, then fill it
-        for flat in self.flat_partitions():
-            engine.optimizer.optimizer.state[flat] = {
-                "step": step.clone() if torch.is_tensor(step) else step,
-                "exp_avg": torch.zeros_like(flat),
-                "exp_avg_sq": torch.zeros_like(flat),
-            }
-        self.link_state()
-        for entry in carried.values():
-            self.write_state(entry, keys)
-        carried.clear()
+        carried.write(engine)
         return engine, lr_scheduler
 
     def rebind(self, old: Any) -> None:
@@ -258,13 +240,6 @@ def gather_full(params: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
 
     with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
         yield list(params)
-
-
-def _adam_step(client: torch.optim.Optimizer) -> Any:
-    for st in client.state.values():
-        if "step" in st:
-            return st["step"].clone() if torch.is_tensor(st["step"]) else st["step"]
-    return torch.tensor(0.0)
 
 
 def _teardown(engine: Any, removed_params: list[nn.Parameter]) -> None:

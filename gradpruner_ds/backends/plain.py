@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradpruner_ds.backends.optimizer_state import prune_torch_optimizer_
 from gradpruner_ds.core.igia import Key, sq_norms
 from gradpruner_ds.core.merge import MergeRule, merge_
 from gradpruner_ds.core.plan import PrunePlan
@@ -271,12 +272,3 @@ class Backend:
         if optimizer is not None:
             prune_torch_optimizer_(optimizer, removed_params)
         return optimizer, lr_scheduler
-
-
-def prune_torch_optimizer_(optimizer: torch.optim.Optimizer, removed_params: list[nn.Parameter]) -> None:
-    """Remove ``removed_params`` from a torch optimizer's groups and state, in place."""
-    gone = {id(p) for p in removed_params}
-    for group in optimizer.param_groups:
-        group["params"] = [p for p in group["params"] if id(p) not in gone]
-    for p in removed_params:
-        optimizer.state.pop(p, None)

@@ -13,7 +13,7 @@ Static criteria (``reverse``, ``last_layers``, ``random``, ``given``) read none.
 
 from __future__ import annotations
 
-from gradpruner_ds.core.scoring import Criterion
+from gradpruner_ds.core.criteria import Criterion
 from gradpruner_ds.statistics.base import BuildContext, Statistic, StepGradients
 from gradpruner_ds.statistics.hidden_states import HiddenStateStatistic
 from gradpruner_ds.statistics.igia import IGIAStatistic

@@ -28,8 +28,8 @@ from torch import nn
 
 from gradpruner_ds.arch import ArchSpec
 from gradpruner_ds.config import GradPrunerConfig
+from gradpruner_ds.core.criteria import Criterion
 from gradpruner_ds.core.igia import Key
-from gradpruner_ds.core.scoring import Criterion
 from gradpruner_ds.engine import EngineAdapter
 
 

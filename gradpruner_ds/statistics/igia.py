@@ -3,7 +3,7 @@
 Full mode reads the true gradients of every linear of every decoder layer (this rank's reduced shard);
 LoRA mode (peft adapters, ``mode: auto`` picks it when adapters are present) reads the factor gradients of
 the linears that carry an adapter. The accumulation itself is :class:`gradpruner_ds.core.igia.IGIAAccumulator`
-(pure tensor math); its table for the criteria is :func:`gradpruner_ds.core.scoring.partial_table`.
+(pure tensor math); its table for the criteria is :func:`gradpruner_ds.core.criteria.igia.partial_table`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from gradpruner_ds.arch import decoder_layers, layer_linears, linear_weight, lora_factors
+from gradpruner_ds.core.criteria import get_criterion
+from gradpruner_ds.core.criteria.igia import partial_table
 from gradpruner_ds.core.igia import IGIAAccumulator, Key, sq_norms
-from gradpruner_ds.core.scoring import get_criterion, partial_table
 from gradpruner_ds.engine import EngineAdapter
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger

@@ -116,7 +116,7 @@ def _every_criterion(rank: int, world: int, engine: str, ck: str) -> dict:
     its 3 steps, and a resume from those files into new objects (new model, engine and pruner)."""
     from helpers.training import deepspeed_run
 
-    from gradpruner_ds.core.scoring import CRITERIA
+    from gradpruner_ds.core.criteria import CRITERIA
 
     out = {}
     for criterion in sorted(set(CRITERIA) - {"given"}):  # 'given' is a plan by hand: layers_to_remove
@@ -139,7 +139,7 @@ def _every_criterion(rank: int, world: int, engine: str, ck: str) -> dict:
 def test_resume_inside_the_window_for_every_criterion(tmp_path, engine):
     """Every registered criterion, ZeRO-3 and FSDP2 on 2 ranks: each rank's statistics are saved inside the
     window and restored into new objects; the scores and plan equal the uninterrupted run's."""
-    from gradpruner_ds.core.scoring import CRITERIA
+    from gradpruner_ds.core.criteria import CRITERIA
 
     results = run_ranks(_every_criterion, 2, engine, str(tmp_path), timeout=600)
     for per_rank in results:

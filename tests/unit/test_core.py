@@ -8,6 +8,8 @@ import threading
 import pytest
 import torch
 
+from gradpruner_ds.core.criteria import ScoreContext, layer_scores
+from gradpruner_ds.core.criteria.igia import partial_table
 from gradpruner_ds.core.igia import (
     IGIAAccumulator,
     all_finite,
@@ -25,7 +27,6 @@ from gradpruner_ds.core.merge import (
     topk_mask,
 )
 from gradpruner_ds.core.plan import PrunePlan, make_plan, merge_targets, rank_layers, select_layers
-from gradpruner_ds.core.scoring import ScoreContext, layer_scores, partial_table
 
 
 def test_simulated_gradient_is_b_grad_times_a_grad():

@@ -11,8 +11,8 @@ import torch
 from helpers.tiny import VOCAB, batches, tiny_llama
 
 from gradpruner_ds.config import GradPrunerConfig
+from gradpruner_ds.core.criteria import CRITERIA, ScoreContext, layer_scores
 from gradpruner_ds.core.plan import select_layers
-from gradpruner_ds.core.scoring import CRITERIA, ScoreContext, layer_scores
 from gradpruner_ds.errors import GradPrunerError
 from gradpruner_ds.pruner import GradPruner
 from gradpruner_ds.statistics import HiddenStateStatistic, LayerGateStatistic
@@ -311,3 +311,28 @@ def test_gate_fisher_refuses_a_forward_without_layer_gradients():
     with pytest.raises(GradPrunerError, match="gradpruner: 'gate_fisher' reads the gradient"):
         model(input_ids=ids, attention_mask=mask)
     col.close()
+
+
+def test_a_criterion_registered_by_the_user_is_selected_by_its_name():
+    """The public registry: a criterion that reads no data, registered from outside the package, drives a real
+    prune by its name in the config."""
+    import torch
+
+    from gradpruner_ds.config import GradPrunerConfig
+    from gradpruner_ds.core.criteria import CRITERIA, register_criterion
+    from gradpruner_ds.pruner import GradPruner
+
+    @register_criterion("first_layers_test", "Remove the first layers (a test).", reads=())
+    def _first(table, keys, ctx):
+        return torch.arange(ctx.num_layers, dtype=torch.float64)
+
+    try:
+        model = tiny_llama(5)
+        pruner = GradPruner(model, GradPrunerConfig.from_dict({"window_steps": 1, "num_drop": 2, "criterion": "first_layers_test", "progress_bar": False}))  # fmt: skip
+        b = batches(1)[0]
+        model(**b).loss.backward()
+        pruner.observe()
+        pruner.maybe_prune()
+        assert list(pruner.plan.dropped) == [0, 1]
+    finally:
+        CRITERIA.pop("first_layers_test")

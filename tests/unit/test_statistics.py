@@ -13,7 +13,7 @@ from helpers.tiny import batches, tiny_llama
 
 from gradpruner_ds.checkpoint import load_pruner_state, save_pruner_state
 from gradpruner_ds.config import GradPrunerConfig
-from gradpruner_ds.core.scoring import CRITERIA
+from gradpruner_ds.core.criteria import CRITERIA
 from gradpruner_ds.errors import GradPrunerError
 from gradpruner_ds.pruner import GradPruner
 
