@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
+from gradpruner_ds.peft_support import is_peft_model, is_peft_tuner
 
 _log = get_logger("arch")
 
@@ -83,27 +83,11 @@ def registered_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _is_peft_model(obj: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a hard dependency in practice
-        return False
-    return isinstance(obj, PeftModel)
-
-
-def _is_peft_tuner(obj: Any) -> bool:
-    try:
-        from peft.tuners.tuners_utils import BaseTuner
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(obj, BaseTuner)
-
-
 def _inner(obj: Any) -> Any:
     """The object one wrapper level below ``obj``, or None when ``obj`` is not a known wrapper."""
-    if _is_peft_model(obj):
+    if is_peft_model(obj):
         return obj.base_model
-    if _is_peft_tuner(obj):
+    if is_peft_tuner(obj):
         return obj.model
     if isinstance(getattr(obj, "_orig_mod", None), nn.Module):  # torch.compile
         return obj._orig_mod
@@ -200,34 +184,6 @@ def layer_linears(layer: nn.Module, spec: ArchSpec) -> dict[str, nn.Module]:
                 "fix ArchSpec.linear_names for this family (see the model's modeling_*.py)",
             ) from None
     return out
-
-
-def linear_weight(module: nn.Module) -> nn.Parameter:
-    """The base (frozen) weight of a linear: ``weight`` of an nn.Linear or of a peft layer's base layer."""
-    get_base_layer = getattr(module, "get_base_layer", None)
-    base = get_base_layer() if callable(get_base_layer) else module
-    weight = getattr(base, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise user_error(
-            "module has no linear weight",
-            type(module).__name__,
-            "pass an nn.Linear or a peft LoRA layer wrapping one",
-        )
-    return weight  # type: ignore[return-value]
-
-
-def lora_factors(module: nn.Module, adapter: str = "default") -> tuple[nn.Parameter, nn.Parameter] | None:
-    """``(A.weight [r, d_in], B.weight [d_out, r])`` of ``adapter`` on a peft LoRA layer, else None."""
-    lora_a = getattr(module, "lora_A", None)
-    lora_b = getattr(module, "lora_B", None)
-    if not isinstance(lora_a, nn.ModuleDict) or not isinstance(lora_b, nn.ModuleDict):
-        return None
-    if adapter not in lora_a or adapter not in lora_b:
-        return None
-    a_weight, b_weight = lora_a[adapter].weight, lora_b[adapter].weight
-    if not isinstance(a_weight, torch.Tensor) or not isinstance(b_weight, torch.Tensor):
-        return None
-    return a_weight, b_weight  # type: ignore[return-value]
 
 
 def _llama_like(name: str, model_types: tuple[str, ...], mlp_branch: str | None = "mlp") -> ArchSpec:

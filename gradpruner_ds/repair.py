@@ -25,13 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradpruner_ds.arch import ArchSpec, decoder_layers, linear_weight, lora_factors
+from gradpruner_ds.arch import ArchSpec, decoder_layers
 from gradpruner_ds.config import RepairConfig
 from gradpruner_ds.core.plan import PrunePlan
 from gradpruner_ds.core.repair import fold, removed_runs, residuals, solve_map
 from gradpruner_ds.engine import EngineAdapter
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
+from gradpruner_ds.peft_support import linear_weight, lora_factors
 from gradpruner_ds.statistics.repair import RepairStatistic
 
 log = get_logger("repair")

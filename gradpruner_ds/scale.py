@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from gradpruner_ds.arch import decoder_layers, get_arch, layer_linears, linear_weight
+from gradpruner_ds.arch import decoder_layers, get_arch, layer_linears
 from gradpruner_ds.config import GradPrunerConfig
 from gradpruner_ds.core.criteria import get_criterion
 from gradpruner_ds.core.plan import make_plan
+from gradpruner_ds.peft_support import linear_weight
 from gradpruner_ds.statistics import required
 from gradpruner_ds.surgery import remove_layers
 

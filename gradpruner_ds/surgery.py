@@ -19,6 +19,8 @@ from gradpruner_ds.arch import ArchSpec, decoder_layers, get_arch, unwrap_model,
 from gradpruner_ds.core.plan import PrunePlan
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
+from gradpruner_ds.peft_support import peft_configs as peft_configs_of
+from gradpruner_ds.peft_support import remap_peft_config
 
 _log = get_logger("surgery")
 
@@ -26,9 +28,6 @@ _log = get_logger("surgery")
 _NOT_PER_LAYER = frozenset({"architectures", "eos_token_id", "bos_token_id", "pad_token_id", "bad_words_ids"})
 # Per-layer list names HF uses across families; re-indexed whenever a config carries them.
 _KNOWN_PER_LAYER = ("layer_types", "mlp_layer_types")
-# peft config fields that hold module names/patterns which may spell out a layer index.
-_PEFT_NAME_FIELDS = ("target_modules", "exclude_modules")
-_PEFT_PATTERN_FIELDS = ("rank_pattern", "alpha_pattern")
 
 
 def _validate_drop(drop: Sequence[int], n_layers: int) -> set[int]:
@@ -106,72 +105,10 @@ def _check_layer_types(layers: nn.ModuleList, layer_types: Sequence[Any] | None)
                 )
 
 
-def _peft_configs(model: Any) -> list[Any]:
-    """Every peft adapter config reachable from ``model`` (deduplicated)."""
-    seen: dict[int, Any] = {}
-    for obj in wrapper_chain(model):
-        configs = getattr(obj, "peft_config", None)
-        if isinstance(configs, dict):
-            for cfg in configs.values():
-                seen.setdefault(id(cfg), cfg)
-    return list(seen.values())
-
-
 def _layer_name_regex(spec: ArchSpec) -> re.Pattern[str]:
     attr = re.escape(spec.layers_path.rsplit(".", 1)[-1])
     # "layers.3." / "layers.3" at the end, also with a regex-escaped dot ("layers\.3\.").
     return re.compile(rf"(?<![A-Za-z0-9_]){attr}(\\?\.)(\d+)(?=\\?\.|$)")
-
-
-def _remap_name(name: str, regex: re.Pattern[str], new_index: dict[int, int]) -> str | None:
-    """``name`` with explicit layer indices renumbered, or None when it names a removed layer."""
-    dropped = False
-
-    def sub(match: re.Match[str]) -> str:
-        nonlocal dropped
-        orig = int(match.group(2))
-        if orig not in new_index:
-            dropped = True
-            return match.group(0)
-        return match.group(0)[: match.start(2) - match.start(0)] + str(new_index[orig])
-
-    out = regex.sub(sub, name)
-    return None if dropped else out
-
-
-def _remap_peft_config(cfg: Any, regex: re.Pattern[str], new_index: dict[int, int]) -> None:
-    ltt = getattr(cfg, "layers_to_transform", None)
-    if ltt is not None:
-        orig = [ltt] if isinstance(ltt, int) else list(ltt)
-        remapped = [new_index[i] for i in orig if i in new_index]
-        if not remapped:
-            _log.warning(
-                "peft layers_to_transform %s: every listed layer was removed; the adapter is now empty", orig
-            )
-        cfg.layers_to_transform = remapped
-    for field in _PEFT_PATTERN_FIELDS:
-        patterns = getattr(cfg, field, None)
-        if isinstance(patterns, dict) and patterns:
-            new_patterns = {}
-            for key, value in patterns.items():
-                new_key = _remap_name(key, regex, new_index)
-                if new_key is not None:
-                    new_patterns[new_key] = value
-            setattr(cfg, field, new_patterns)
-    for field in _PEFT_NAME_FIELDS:
-        names = getattr(cfg, field, None)
-        if isinstance(names, str):
-            if regex.search(names):
-                _log.warning(
-                    "peft %s regex %r names explicit layer indices; it was not renumbered after layer removal",
-                    field,
-                    names,
-                )
-        elif isinstance(names, list | set | tuple) and any(
-            isinstance(n, str) and regex.search(n) for n in names
-        ):
-            kept = [m for n in names if (m := _remap_name(n, regex, new_index)) is not None]
-            setattr(cfg, field, type(names)(kept))
 
 
 def _renumber_layer_idx(layers: nn.ModuleList) -> None:
@@ -217,7 +154,7 @@ def remove_layers(model: Any, drop: Sequence[int]) -> list[int]:
         )
     list_names = _per_layer_list_names(config, spec, n_layers)
     _check_layer_types(layers, getattr(config, "layer_types", None))
-    peft_configs = _peft_configs(model)
+    peft_configs = peft_configs_of(wrapper_chain(model))
     for cfg in peft_configs:
         if getattr(cfg, "layer_replication", None):
             raise user_error(
@@ -261,7 +198,7 @@ def remove_layers(model: Any, drop: Sequence[int]) -> list[int]:
     # ---- peft adapter configs ----
     regex = _layer_name_regex(spec)
     for cfg in peft_configs:
-        _remap_peft_config(cfg, regex, new_index)
+        remap_peft_config(cfg, regex, new_index)
 
     _log.info(
         "removed %d of %d decoder layers %s; kept original layers %s",

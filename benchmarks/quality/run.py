@@ -46,12 +46,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from gradpruner_ds.arch import decoder_layers, get_arch, layer_linears, linear_weight  # noqa: E402
+from gradpruner_ds.arch import decoder_layers, get_arch, layer_linears  # noqa: E402
 from gradpruner_ds.config import GradPrunerConfig  # noqa: E402
 from gradpruner_ds.core.criteria import CRITERIA, ScoreContext, layer_scores  # noqa: E402
 from gradpruner_ds.core.criteria.igia import partial_table  # noqa: E402
 from gradpruner_ds.core.igia import IGIAAccumulator  # noqa: E402
 from gradpruner_ds.core.plan import select_layers  # noqa: E402
+from gradpruner_ds.peft_support import linear_weight  # noqa: E402
 from gradpruner_ds.pruner import GradPruner  # noqa: E402
 from launch.models import load_smollm2  # noqa: E402
 from launch.tasks import build_train_dataset, collate, evaluate_choices, load_task, split_task  # noqa: E402

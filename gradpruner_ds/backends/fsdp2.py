@@ -34,10 +34,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gradpruner_ds.backends.sharded import ShardedBackend, teacher_name, teacher_refusal
+from gradpruner_ds.backends.sharded import ShardedBackend
 from gradpruner_ds.core.igia import Key
 from gradpruner_ds.diagnostics import release_memory
 from gradpruner_ds.errors import user_error
+from gradpruner_ds.peft_support import is_peft, teacher_name, teacher_refusal, unmerged_lora_layers
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -166,7 +167,7 @@ class FSDP2Backend(ShardedBackend):
         if self.teacher_refused is not None:
             raise AssertionError(self.teacher_refused)  # GradPruner checked this before any work
 
-        peft = hasattr(model, "peft_config")
+        peft = is_peft(model)
         base = model.get_base_model() if peft else model  # type: ignore[operator]
 
         units: dict[str, Any] = {name: m for name, m in model.named_modules() if isinstance(m, FSDPModule)}
@@ -198,15 +199,13 @@ class FSDP2Backend(ShardedBackend):
             for name, b in model.named_buffers():
                 t_buffers[teacher_name(name, peft)].copy_(b)
             if peft:  # LoRA merged in: W + scaling * B @ A, on this rank's rows (A is r x in: gathered whole)
-                for name, m in model.named_modules():
-                    if hasattr(m, "lora_A") and hasattr(m, "base_layer") and not m.merged:
-                        w = _local(t_params[teacher_name(name, peft) + ".weight"].data)
-                        for a in m.active_adapters:
-                            if a in m.lora_A:
-                                b_rows = _local(m.lora_B[a].weight.data)
-                                a_full = m.lora_A[a].weight.data
-                                a_full = a_full.full_tensor() if hasattr(a_full, "full_tensor") else a_full
-                                w.add_((b_rows.float() @ a_full.float() * m.scaling[a]).to(w.dtype))
+                for name, _, adapters in unmerged_lora_layers(model):
+                    w = _local(t_params[teacher_name(name, peft) + ".weight"].data)
+                    for a_weight, b_weight, scaling in adapters:
+                        b_rows = _local(b_weight.data)
+                        a_full = a_weight.data
+                        a_full = a_full.full_tensor() if hasattr(a_full, "full_tensor") else a_full
+                        w.add_((b_rows.float() @ a_full.float() * scaling).to(w.dtype))
         teacher.requires_grad_(False)
         return teacher
 

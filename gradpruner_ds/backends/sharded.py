@@ -81,32 +81,3 @@ class ShardedBackend(Backend, abc.ABC):
             pieces.append(buf[offset : offset + n].view(self.whole_shape(p)))
             offset += n
         return {key: (pieces[2 * i], pieces[2 * i + 1]) for i, key in enumerate(factors)}
-
-
-def teacher_refusal(model: nn.Module) -> str | None:
-    """Why a sharded distillation teacher cannot be rebuilt for ``model`` (None: it can). Under FSDP2 and ZeRO-3
-    the teacher is the base model's class built from its config, filled from each rank's own pieces; a peft
-    model's plain LoRA adapters are merged into it (``W + scaling * B @ A``)."""
-    if not hasattr(model, "peft_config"):
-        return (
-            None
-            if hasattr(model, "config")
-            else "the teacher is rebuilt from the model's config; it has none"
-        )
-    for name, m in model.named_modules():
-        if hasattr(m, "lora_A") and hasattr(m, "base_layer"):
-            plain = type(m).__name__ == "Linear" and not getattr(m, "fan_in_fan_out", False)
-            if not plain or any(getattr(m, "use_dora", {}).values()) or getattr(m, "lora_embedding_A", None):
-                return f"the LoRA layer {name!r} ({type(m).__name__}) is not a plain LoRA Linear"
-        if type(m).__name__ == "ModulesToSaveWrapper":
-            return f"peft's modules_to_save ({name!r}) are not supported"
-    return None
-
-
-def teacher_name(name: str, peft: bool) -> str:
-    """A student's parameter or module name -> the rebuilt teacher's (peft's prefix and ``base_layer`` gone)."""
-    if peft:
-        name = (
-            "" if name in ("", "base_model", "base_model.model") else name.removeprefix("base_model.model.")
-        )
-    return name.replace(".base_layer.", ".").removesuffix(".base_layer")

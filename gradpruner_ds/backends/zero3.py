@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from gradpruner_ds.backends.deepspeed import DeepSpeedBackend
-from gradpruner_ds.backends.sharded import teacher_name, teacher_refusal
 from gradpruner_ds.consensus import all_gather
 from gradpruner_ds.core.igia import Key, product_flat_slice
+from gradpruner_ds.peft_support import is_peft, teacher_name, teacher_refusal, unmerged_lora_layers
 
 
 class Zero3Backend(DeepSpeedBackend):
@@ -181,7 +181,7 @@ class Zero3Teacher(nn.Module):
         from gradpruner_ds.arch import decoder_layers
 
         self.group = group
-        peft = hasattr(model, "peft_config")
+        peft = is_peft(model)
         base = model.get_base_model() if peft else model  # type: ignore[operator]
         with torch.device("meta"):
             inner = type(base)(copy.deepcopy(base.config))
@@ -230,19 +230,14 @@ class Zero3Teacher(nn.Module):
 
         rank = torch.distributed.get_rank(self.group)
         with torch.no_grad():
-            for name, m in model.named_modules():
-                if not (hasattr(m, "lora_A") and hasattr(m, "base_layer")) or m.merged:
-                    continue
-                w = m.base_layer.weight
+            for name, m, adapters in unmerged_lora_layers(model):
+                w: Any = m.get_submodule("base_layer").weight
                 piece = getattr(self, _key(teacher_name(name, True) + ".weight"))
                 start = rank * piece.numel()
                 n = max(0, min(piece.numel(), int(w.ds_numel) - start))
-                for a in m.active_adapters:
-                    if a not in m.lora_A:
-                        continue
-                    factors = [m.lora_A[a].weight, m.lora_B[a].weight]
-                    with zero.GatheredParameters(factors):
-                        delta = product_flat_slice(factors[1].data, factors[0].data, start, n) * m.scaling[a]
+                for a_weight, b_weight, scaling in adapters:
+                    with zero.GatheredParameters([a_weight, b_weight]):
+                        delta = product_flat_slice(b_weight.data, a_weight.data, start, n) * scaling
                         piece[:n] += delta.to(piece.dtype)
 
     def _gather(self, names: list[str]) -> None:

@@ -57,6 +57,7 @@ from gradpruner_ds.consensus import wait_all
 from gradpruner_ds.core.plan import PrunePlan
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
+from gradpruner_ds.peft_support import is_peft
 from gradpruner_ds.pruner import GradPruner
 from gradpruner_ds.recovery import Distiller
 from gradpruner_ds.surgery import apply_surgery
@@ -392,7 +393,7 @@ class GradPrunerCallback(TrainerCallback):
             return
         save = self.save_final
         if save is None:  # by default only where the Trainer's own save is not the pruned model: peft runs
-            save = unwrap_model(model) is not model and hasattr(model, "peft_config")
+            save = unwrap_model(model) is not model and is_peft(model)
         if not save:
             return
         out = Path(args.output_dir) / "gradpruner_final"

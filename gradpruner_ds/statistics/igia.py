@@ -14,13 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradpruner_ds.arch import decoder_layers, layer_linears, linear_weight, lora_factors
+from gradpruner_ds.arch import decoder_layers, layer_linears
 from gradpruner_ds.core.criteria import get_criterion
 from gradpruner_ds.core.criteria.igia import partial_table
 from gradpruner_ds.core.igia import IGIAAccumulator, Key, sq_norms
 from gradpruner_ds.engine import EngineAdapter
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
+from gradpruner_ds.peft_support import linear_weight, lora_factors
 from gradpruner_ds.statistics.base import BuildContext, Statistic, StepGradients
 
 log = get_logger("statistics")

@@ -34,12 +34,11 @@ from gradpruner_ds.arch import (  # noqa: E402
     decoder_layers,
     get_arch,
     layer_linears,
-    linear_weight,
-    lora_factors,
     register_arch,
     unwrap_model,
 )
 from gradpruner_ds.errors import GradPrunerError  # noqa: E402
+from gradpruner_ds.peft_support import linear_weight, lora_factors  # noqa: E402
 from gradpruner_ds.surgery import remove_layers  # noqa: E402
 
 N_LAYERS = 6

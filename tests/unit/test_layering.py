@@ -38,7 +38,7 @@ ENGINE_NAMES = {
 
 LAYERS = [
     {"errors", "log", "io", "diagnostics", "core"},  # foundations: pure math, files, logging
-    {"arch", "surgery", "config", "stages"},  # the model's layout and the settings
+    {"peft_support", "arch", "surgery", "config", "stages"},  # the model's layout (peft's included), the settings
     {"engine", "consensus"},  # the engine contract; collectives across ranks
     {"statistics"},  # what the window measures (through the contract)
     {"backends"},  # one adapter per engine and the picker

@@ -207,7 +207,7 @@ def test_fsdp2_teacher_rebuild_accepts_plain_lora_and_names_what_it_cannot_merge
     modules_to_save are refused before any work (with the layer named)."""
     from peft import LoraConfig, get_peft_model
 
-    from gradpruner_ds.backends.sharded import teacher_refusal
+    from gradpruner_ds.peft_support import teacher_refusal
 
     assert teacher_refusal(tiny_llama(4)) is None
     assert teacher_refusal(get_peft_model(tiny_llama(4), LoraConfig())) is None  # peft's defaults
