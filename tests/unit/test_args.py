@@ -214,3 +214,47 @@ def test_cli_plan_arguments_are_checked(capsys, argv, phrase):
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gradpruner: ") and phrase in err
+
+
+def _train_py(tmp_path, *argv):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "train.py"), "--tiny", "--tiny_layers", "4", "--max_steps", "6",
+         "--batch_size", "4", "--eval_size", "0", "--threads", "1", *argv],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_train_py_refuses_an_empty_output_dir(tmp_path):
+    proc = _train_py(tmp_path, "--output_dir", "")
+    assert proc.returncode == 2 and "gradpruner: --output_dir must name a folder" in proc.stderr
+
+
+def test_a_diverged_run_saves_nothing_as_final_and_exits_non_zero(tmp_path):
+    """--lr 1e30: the loss and the weights go NaN. Without --save_non_finite: one gradpruner: line, exit 2,
+    no final/ and no summary.json. With it: written and marked, and the parameter count is the pruned model's
+    (it was 189% of dense: the tied embedding was written twice and NaN != NaN kept transformers from tying it
+    again on load)."""
+    import json
+
+    block = write(tmp_path, {"window_steps": 2, "num_drop": 1, "progress_bar": False, "plot": False})
+    out = tmp_path / "out"
+    proc = _train_py(tmp_path, "--lr", "1e30", "--output_dir", str(out), "--gradpruner", "--gradpruner_config", block)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("gradpruner: a run whose final loss or weights are not finite is not saved"), last
+    assert "final loss nan" in last and "--save_non_finite" in last
+    assert not (out / "final").exists() and not (out / "summary.json").exists()
+
+    proc = _train_py(tmp_path, "--lr", "1e30", "--output_dir", str(out), "--gradpruner", "--gradpruner_config", block,
+                     "--save_non_finite")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["non_finite"] is True and "did not end finite" in proc.stdout
+    assert summary["pruned_params"] < summary["dense_params"]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.config.num_hidden_layers == 3
