@@ -21,8 +21,8 @@ Exports never destroy:
 * Only its own files are written and replaced. An export is marked by ``gradpruner_export.json``, which
   lists its files; every other entry of the folder (a user's notes, ``checkpoints/``, GradPruner's report)
   is kept. A folder holding a model (or files) that an export of ours did not write is refused before any
-  work (``gradpruner:`` error), as are a path that is not a folder, a read-only folder, a mount point to be
-  replaced and too little free disk for the weights.
+  work (``gradpruner:`` error), as are a path that is not a folder, a read-only folder, a mount point and too
+  little free disk for the weights.
 * Atomic for every kill point: the new export is built in a hidden sibling folder
   (``.<name>.gradpruner-tmp-<pid>``); a new folder is renamed into place; into an existing folder without
   an export the files are moved with ``config.json`` last; a previous export is swapped with the new one in
@@ -346,6 +346,7 @@ class _ShardPlan:
         self.total_parameters = 0  # set by the caller (buffers are not parameters)
         self.file_of = dict(split.tensor_to_filename)
         self.nbytes = {n: math.prod(s) * torch.empty((), dtype=d).element_size() for n, s, d in specs}
+        self.dtype = {n: d for n, _, d in specs}
         self.total_bytes = sum(self.nbytes.values())
         self.layout: dict[str, tuple[bytes, dict[str, tuple[int, int]]]] = {}
         for fname, tensor_names in split.filename_to_tensors.items():
@@ -379,6 +380,7 @@ class _ShardWriter:
     def write(self, name: str, value: torch.Tensor) -> None:
         fname = self.plan.file_of[name]
         header, offsets = self.plan.layout[fname]
+        value = value.to(self.plan.dtype[name])  # the parameter's dtype, as planned (a gather may upcast)
         data = value.contiguous().reshape(-1).view(torch.uint8).numpy()
         begin, end = offsets[name]
         if data.nbytes != end - begin:
@@ -524,6 +526,12 @@ class _Export:
                     str(where),
                     "pass a folder you can write to",
                 )
+        if final.is_dir() and os.path.ismount(final):  # the temporary sibling would be on another file system
+            raise user_error(
+                "the export's folder must not be a mount point (its files are built beside it and moved in)",
+                str(final_dir),
+                "export into a folder inside the mount, e.g. out_dir/model",
+            )
         leftovers = self._leftovers()
         for path, _kind, pid in leftovers:
             if _pid_alive(pid):
@@ -535,12 +543,6 @@ class _Export:
         self._recover(leftovers)
         previous = _read_marker(final) if final.is_dir() else None
         self.previous = previous
-        if previous is not None and os.path.ismount(final):
-            raise user_error(
-                "a previous export at a mount point cannot be replaced atomically",
-                str(final_dir),
-                "export into a folder inside the mount, e.g. out_dir/model",
-            )
         entries = sorted(os.listdir(final)) if final.is_dir() else []
         self.foreign = [e for e in entries if e != MARKER and e not in (previous or [])]
         models = [e for e in self.foreign if _MODEL_FILE.match(e)]
@@ -550,7 +552,7 @@ class _Export:
                 f"{MARKER}), which an export would overwrite or mix with",
                 f"{final_dir}: {', '.join(models[:5])}",
                 "pass an empty or new folder (save_pretrained keeps other files and replaces only its own "
-                f"exports; an export of gradpruner_ds before 0.4 has no {MARKER}: remove it yourself)",
+                f"exports; an export written before exports were marked has no {MARKER}: remove it yourself)",
             )
         free = shutil.disk_usage(anc).free
         if free < weight_bytes:

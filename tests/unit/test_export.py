@@ -397,6 +397,10 @@ subprocess.run(["mount", "-o", "remount,ro", str(root / "ro")], check=True)
 result["ro"] = attempt(new, root / "ro" / "final")
 result["ro_files"] = sorted(os.listdir(root / "ro"))
 
+# a mount point as the export's folder (its files are built beside it, on another file system)
+mount(root / "mp", "size=4m")
+result["mp"] = attempt(new, root / "mp")
+
 # too little space for the weights: refused by the free-space check before anything is written
 mount(root / "small", f"size={pages(weights) // 2}")
 result["small"] = attempt(new, root / "small" / "final")
@@ -419,7 +423,8 @@ print("RESULT " + json.dumps(result))
 def test_read_only_and_full_disks_are_clear_errors_that_leave_nothing_behind(tmp_path):
     """Real tmpfs file systems in a child's own mount namespace (``unshare``; user namespaces make it work
     without root): a read-only one, one too small for the weights, one that fills up during the export.
-    Each is a ``gradpruner:`` error, no temporary folder is left and the previous export still loads."""
+    Each is a ``gradpruner:`` error, no temporary folder is left and the previous export still loads. A mount
+    point as the folder is refused too."""
     import subprocess
     import sys
 
@@ -443,6 +448,7 @@ def test_read_only_and_full_disks_are_clear_errors_that_leave_nothing_behind(tmp
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert result["ro"].startswith("gradpruner: the export's folder and its parent must be writable"), result
     assert result["ro_files"] == ["final"]
+    assert result["mp"].startswith("gradpruner: the export's folder must not be a mount point"), result
     assert result["small"].startswith("gradpruner: the export needs free disk space for its weights"), result
     assert result["small_files"] == []
     assert result["full"].startswith("gradpruner: the export needs free disk space"), result
