@@ -18,9 +18,11 @@ step; the data order comes from a ``DistributedSampler`` whose global micro-batc
 items for every world size, so runs with the same ``--batch_size`` see the same global batches.
 Accuracy (log-likelihood multiple choice) is measured on rank 0 on a test subset before training and,
 after training, on the saved pruned checkpoint. The final model + tokenizer are written to
-``<output_dir>/final`` as sharded safetensors (gathered one layer at a time under ZeRO-3), loadable with
-``AutoModelForCausalLM.from_pretrained``; ``<output_dir>/summary.json`` holds the run's numbers and the
-GradPruner report (plan, scores, PNG) lands in the block's ``output_dir`` (default ``--output_dir``).
+``<output_dir>/final`` as safetensors (``gradpruner_ds.save_pretrained``: transformers' shard size, gathered
+one layer at a time under ZeRO-3), loadable with ``AutoModelForCausalLM.from_pretrained``;
+``<output_dir>/summary.json`` holds the run's numbers and the GradPruner report (plan, scores, PNG) lands in
+the block's ``output_dir`` (default ``--output_dir``). A run whose final loss or weights are not finite (it
+diverged) saves neither and exits with a ``gradpruner:`` error (exit code 2), unless ``--save_non_finite``.
 """
 
 from __future__ import annotations
