@@ -641,9 +641,12 @@ class _Export:
             from gradpruner_ds import __version__
 
             marker = {"written_by": f"gradpruner_ds {__version__}", "files": files}
-            (self.tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-            for f in files + [MARKER]:
+            for f in files:
                 _fsync_file(self.tmp / f)
+            part = self.tmp / f"{MARKER}.part"  # the marker appears whole (a leftover's marker is complete)
+            part.write_text(json.dumps(marker, indent=2) + "\n")
+            _fsync_file(part)
+            os.rename(part, self.tmp / MARKER)
             _fsync_dir(self.tmp)
             if not self.final.exists():
                 os.rename(self.tmp, self.final)  # a new folder: one rename

@@ -3,6 +3,8 @@ gives the trained model's logits, also when the run trained peft LoRA adapters (
 
 from __future__ import annotations
 
+import builtins
+import io
 import json
 import os
 import shutil
@@ -266,7 +268,7 @@ _STEPS = ("rename", "replace", "mkdir", "rmdir", "unlink", "remove", "fsync", "c
 
 def _export_in_a_child(model, out: Path, kill_at: int, **kw) -> int | None:
     """Fork; the child runs ``save_pretrained`` and SIGKILLs itself just before its ``kill_at``-th file-system
-    step (every ``os`` call that changes or syncs the disk, each file opened for writing, the exchange).
+    step (every ``os`` call that changes or syncs the disk, every file opened for writing, the exchange).
     Returns how many steps a child that was not killed took; None when it was killed."""
     import signal
 
@@ -292,7 +294,12 @@ def _export_in_a_child(model, out: Path, kill_at: int, **kw) -> int | None:
             for name in _STEPS:
                 setattr(os, name, step(getattr(os, name)))
             export._exchange = step(export._exchange)
-            export.open = step(open)  # the shard files
+            real_open = io.open
+
+            def open_(file, mode="r", *a, **k):  # every file opened for writing (ours and transformers')
+                return (step(real_open) if set(mode) & set("wax+") else real_open)(file, mode, *a, **k)
+
+            io.open = builtins.open = open_
             gradpruner_ds.save_pretrained(model, out, **kw)
             os.write(write, str(count[0]).encode())
             code = 0
