@@ -19,10 +19,12 @@ or an FSDP2-sharded model.
 Exports never destroy:
 
 * Only its own files are written and replaced. An export is marked by ``gradpruner_export.json``, which
-  lists its files; every other entry of the folder (a user's notes, ``checkpoints/``, GradPruner's report)
+  lists its files (an export written before the marker existed is recognised by its file set: one shard per
+  decoder layer); every other entry of the folder (a user's notes, ``checkpoints/``, GradPruner's report)
   is kept. A folder holding a model (or files) that an export of ours did not write is refused before any
   work (``gradpruner:`` error), as are a path that is not a folder, a read-only folder, a mount point and too
-  little free disk for the weights.
+  little free disk for the weights. :func:`check_target` makes the same checks for a caller that wants them
+  before its training starts.
 * Atomic for every kill point: the new export is built in a hidden sibling folder
   (``.<name>.gradpruner-tmp-<pid>``); a new folder is renamed into place; into an existing folder without
   an export the files are moved with ``config.json`` last; a previous export is swapped with the new one in
@@ -496,7 +498,8 @@ def _read_marker(folder: Path) -> list[str] | None:
 class _Export:
     """One export's folder work on rank 0: the checks, the staging folder, the commit and the cleanup."""
 
-    def __init__(self, final_dir: str | Path, weight_bytes: int) -> None:
+    def __init__(self, final_dir: str | Path, weight_bytes: int, *, dry: bool = False) -> None:
+        """The checks, in order, and (unless ``dry``) the recovery of an interrupted export's leftovers."""
         if not str(final_dir):
             raise user_error(
                 "save_pretrained needs a folder to write", str(final_dir), "pass e.g. 'outputs/final'"
@@ -540,8 +543,11 @@ class _Export:
                     f"{path} (pid {pid})",
                     f"wait for it; if no export is running, remove {path}",
                 )
-        self._recover(leftovers)
+        if not dry:
+            self._recover(leftovers)
         previous = _read_marker(final) if final.is_dir() else None
+        if previous is None and final.is_dir():
+            previous = _legacy_export(final)
         self.previous = previous
         entries = sorted(os.listdir(final)) if final.is_dir() else []
         self.foreign = [e for e in entries if e != MARKER and e not in (previous or [])]
@@ -555,7 +561,7 @@ class _Export:
                 f"exports; an export written before exports were marked has no {MARKER}: remove it yourself)",
             )
         free = shutil.disk_usage(anc).free
-        if free < weight_bytes:
+        if not dry and free < weight_bytes:
             raise user_error(
                 "the export needs free disk space for its weights",
                 f"{free:,} bytes free at {anc}, {weight_bytes:,} needed",
@@ -708,6 +714,64 @@ def _discard(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     if os.path.lexists(path):
         log.warning("could not remove the previous export's files in %s; the next export removes them", path)
+
+
+_TOKENIZER_FILE = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|chat_template\..*|vocab\..*|merges\.txt)$"
+)
+
+
+def _legacy_export(folder: Path) -> list[str] | None:
+    """The files of an export that gradpruner_ds wrote before exports were marked, recognised by its file set:
+    ``config.json``, an index whose metadata is only ``total_size``, and ``model-i-of-n.safetensors`` files
+    each holding one decoder layer whole or one other tensor (the last may hold the buffers), plus the
+    generation config and tokenizer files; None for anything else (a folder transformers wrote is never taken
+    for one: it groups tensors up to the shard size and records ``total_parameters``)."""
+    try:
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        weight_map, meta = index["weight_map"], index["metadata"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if (
+        not (folder / "config.json").is_file()
+        or not isinstance(weight_map, dict)
+        or meta.keys() != {"total_size"}
+    ):
+        return None
+    files: dict[str, list[str]] = {}
+    for tensor, fname in weight_map.items():
+        files.setdefault(str(fname), []).append(str(tensor))
+    n = len(files)
+    shards = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    if sorted(files) != shards:
+        return None
+    layer = re.compile(r"^(.*\.layers\.\d+)\.")
+    seen: set[str] = set()
+    for fname in shards:
+        prefixes = {(m[1] if (m := layer.match(t)) else "") for t in files[fname]}
+        if len(prefixes) != 1:
+            return None
+        prefix = prefixes.pop()
+        if (prefix and prefix in seen) or (not prefix and len(files[fname]) > 1 and fname != shards[-1]):
+            return None  # a layer in two files, or several other tensors in one (not the buffers' last file)
+        seen.add(prefix)
+    if not seen - {""}:
+        return None
+    entries = os.listdir(folder)
+    fixed = {"config.json", "generation_config.json", "model.safetensors.index.json", *shards}
+    ours = [e for e in entries if e in fixed or _TOKENIZER_FILE.match(e)]
+    if any(_MODEL_FILE.match(e) for e in entries if e not in ours) or not all(
+        (folder / f).is_file() for f in shards
+    ):
+        return None
+    return ours
+
+
+def check_target(out_dir: str | Path) -> None:
+    """The checks :func:`save_pretrained` makes of its folder before any work (not a folder, not writable, a mount
+    point, a model or an edited marker that is not ours), for a caller that wants them before a long run
+    (``launch/train.py`` calls it before training). ``gradpruner:`` errors; reads only."""
+    _Export(out_dir, 0, dry=True)
 
 
 def _remove(path: Path) -> None:

@@ -417,6 +417,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("train.py: --eval_at scores the in-memory model, which ZeRO-3 partitions; use ZeRO-1/2 or one process")
     if gp_cfg is not None and gp_cfg.output_dir is None:
         gp_cfg = gp_cfg.model_copy(update={"output_dir": str(args.output_dir)})
+    if not args.no_save:  # the final model's folder is checked now, not after the training
+        from gradpruner_ds.export import check_target
+
+        check_target(Path(args.output_dir) / "final")
 
     rank, world = init_distributed() if use_ds else (0, 1)
     log = RankPrinter(rank)

@@ -346,3 +346,15 @@ def test_a_diverged_run_saves_nothing_as_final_and_exits_non_zero(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert model.lm_head.weight is model.model.embed_tokens.weight and model.config.num_hidden_layers == 3
+
+
+def test_a_final_folder_that_is_not_ours_is_refused_before_training(tmp_path):
+    """The export's checks run before the model is loaded, not after a long run (the base model in final/)."""
+    from helpers.tiny import tiny_llama
+
+    out = tmp_path / "out"
+    tiny_llama(2).save_pretrained(out / "final")
+    proc = _train_py(tmp_path, "--output_dir", str(out))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("gradpruner: the folder holds a model that gradpruner")
+    assert "model tiny" not in proc.stdout and sorted(p.name for p in out.iterdir()) == ["final"]

@@ -202,6 +202,57 @@ def test_a_target_that_is_not_ours_to_clear_is_refused_before_any_work(tmp_path,
     assert not [p for p in tmp_path.iterdir() if ".gradpruner-" in p.name]
 
 
+def _old_export(model, folder: Path) -> None:
+    """The layout gradpruner_ds's export wrote before exports were marked (what users have on disk): one
+    safetensors file per decoder layer and per other tensor (the tied head too), an index with total_size."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    state = model.state_dict()
+    groups: list[list[str]] = [["model.embed_tokens.weight"]]
+    groups += [
+        [k for k in state if k.startswith(f"model.layers.{i}.")] for i in range(len(model.model.layers))
+    ]
+    groups += [["model.norm.weight"], ["lm_head.weight"]]
+    weight_map = {}
+    for i, names in enumerate(groups):
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(
+            {k: state[k].contiguous().clone() for k in names}, str(folder / fname), metadata={"format": "pt"}
+        )
+        weight_map |= dict.fromkeys(names, fname)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+
+
+def test_an_export_written_before_exports_were_marked_is_replaced(tmp_path):
+    """Recognised by its file set (one shard per layer), so a rerun into outputs/demo/final works; the user's
+    files beside it are kept."""
+    old, new = tiny_llama(6), tiny_llama(4, seed=1)
+    out = tmp_path / "final"
+    _old_export(old, out)
+    _put_user_files(out)
+    assert _which(out, {"old": _logits(old, _ids())}) == "old"
+    gradpruner_ds.save_pretrained(new, out, _tokenizer())
+    _assert_user_files(out)
+    assert not any(p.name.startswith("model-") for p in out.iterdir())
+    assert _which(out, {"new": _logits(new, _ids())}) == "new"
+
+
+def test_a_folder_transformers_sharded_is_not_taken_for_an_old_export(tmp_path):
+    model = tiny_llama(6)
+    model.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    before = _snapshot(tmp_path)
+    with pytest.raises(
+        ValueError, match="gradpruner: the folder holds a model that gradpruner did not export"
+    ):
+        gradpruner_ds.save_pretrained(model, tmp_path / "hf")
+    assert _snapshot(tmp_path) == before
+
+
 def test_a_tokenizer_is_written_beside_the_model(tmp_path):
     gradpruner_ds.save_pretrained(tiny_llama(4), tmp_path / "final", _tokenizer())
     from transformers import AutoTokenizer
