@@ -17,7 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--version", action="version", version=f"gradpruner-ds {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("plan", help="dry run: GradPruner's memory and traffic on N ranks (meta device)")
-    p.add_argument("--model-config", required=True, help="llama-3.1-70b, llama-3.1-8b, or a config.json path")
+    p.add_argument(
+        "--model-config",
+        required=True,
+        help="a model of configs/ (llama-3.1-70b, llama-3.1-8b, mistral-7b, qwen2.5-7b, qwen3-8b), or the path of "
+        "a config.json or of a from_pretrained folder",
+    )
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument(
         "--zero-stage", type=int, default=3, choices=(3,), help="the dry run models ZeRO-3 / FSDP2"
@@ -25,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--gradpruner",
         default='{"window_steps": 40, "prune_ratio": 0.4, "num_merge": 3}',
-        help="the gradpruner block (JSON text or a file)",
+        help="the gradpruner block (JSON text, or a file: the block, or a DeepSpeed config holding one)",
+    )
+    p.add_argument(
+        "--total-steps", type=int, default=None, help="the run's optimizer steps (needed for window_fraction)"
     )
     p.add_argument("--mode", choices=("full", "lora"), default="full")
     p.add_argument("--lora-rank", type=int, default=8)
@@ -74,7 +82,7 @@ def _plan(args: argparse.Namespace) -> Any:
     from gradpruner_ds.config import GradPrunerConfig
     from gradpruner_ds.errors import user_error
     from gradpruner_ds.io import loads_json, read_json_file
-    from gradpruner_ds.scale import KNOWN, dry_run
+    from gradpruner_ds.scale import ALIASES, KNOWN, check_model_config, dry_run
 
     if args.world_size < 1:
         raise user_error(
@@ -82,31 +90,37 @@ def _plan(args: argparse.Namespace) -> Any:
         )
     if args.lora_rank < 1:
         raise user_error("--lora-rank must be at least 1", args.lora_rank, "pass the LoRA rank, e.g. 8")
-    if args.model_config in KNOWN:
-        model_cfg = KNOWN[args.model_config]
+    name = ALIASES.get(args.model_config, args.model_config)
+    if name in KNOWN:
+        model_cfg = KNOWN[name]
     else:
-        if not Path(args.model_config).is_file():
+        path = Path(args.model_config)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
             raise user_error(
-                f"--model-config must be one of {sorted(KNOWN)} or a config.json file",
+                f"--model-config must be one of {sorted(KNOWN)}, a config.json file or a from_pretrained folder",
                 args.model_config,
                 "pass a known name or a path",
             )
-        model_cfg = read_json_file(args.model_config, "the --model-config")
-        if not isinstance(model_cfg, dict) or "model_type" not in model_cfg:
-            raise user_error(
-                "the --model-config file must be an HF config.json (with model_type)",
-                args.model_config,
-                "fix it",
-            )
+        model_cfg = read_json_file(path, "the --model-config")
+    check_model_config(model_cfg, f"the --model-config {args.model_config}")
+    if args.total_steps is not None and args.total_steps < 2:
+        raise user_error(
+            "--total-steps must be at least 2", args.total_steps, "pass the run's optimizer steps"
+        )
     block_src = Path(args.gradpruner)
     if block_src.is_file():
         block = read_json_file(block_src, "the --gradpruner")
+        if isinstance(block, dict) and "gradpruner" in block:  # a DeepSpeed config (configs/*.json)
+            block = block["gradpruner"]
     else:
         block = loads_json(args.gradpruner, "the --gradpruner block", "(command line)")
     return dry_run(
         model_cfg,
         GradPrunerConfig.from_dict(block),
         world_size=args.world_size,
+        total_steps=args.total_steps,
         mode=args.mode,
         lora_rank=args.lora_rank,
         name=args.model_config,

@@ -35,13 +35,17 @@ class RecoveryConfig(BaseModel):
     )
     temperature: float = Field(
         2.0,
-        gt=0.0,
-        description="A number > 0 (default 2.0): the softmax temperature of teacher and student (KL scaled by T^2).",
+        ge=0.1,
+        le=100.0,
+        allow_inf_nan=False,
+        description="A number in [0.1, 100] (default 2.0): the softmax temperature of teacher and student (KL scaled "
+        "by T^2); outside it the logits / T or T^2 overflow and the distillation loss is not finite.",
     )
     weight: float = Field(
         0.5,
         gt=0.0,
         le=1.0,
+        allow_inf_nan=False,
         description="A number in (0, 1] (default 0.5): loss = (1 - weight) * task loss + weight * T^2 * KL(teacher || student).",
     )
 
@@ -61,6 +65,7 @@ class RepairConfig(BaseModel):
         1e-4,
         ge=0.0,
         le=1e6,
+        allow_inf_nan=False,
         description="A number in [0, 1e6] (default 1e-4): the ridge lambda, relative to tr(X^T X) / d.",
     )
     ridge_target: Literal["zero", "identity"] = Field(
@@ -124,6 +129,7 @@ class GradPrunerConfig(BaseModel):
         None,
         gt=0.0,
         le=1.0,
+        allow_inf_nan=False,
         description="Observation window as a fraction of the run's total optimizer steps (instead of window_steps).",
     )
     num_drop: int | None = Field(
@@ -133,6 +139,7 @@ class GradPrunerConfig(BaseModel):
         None,
         gt=0.0,
         lt=1.0,
+        allow_inf_nan=False,
         description="Fraction of decoder layers removed in total (dropped + merged), rounded to the nearest "
         "layer; instead of num_drop.",
     )
@@ -145,6 +152,7 @@ class GradPrunerConfig(BaseModel):
         0.2,
         gt=0.0,
         le=1.0,
+        allow_inf_nan=False,
         description="Top-p fraction of a merged matrix's entries (by its IGIA) that is merged (0.2 = sparsity 80%).",
     )
     sign_consistent: bool = Field(
@@ -213,17 +221,20 @@ class GradPrunerConfig(BaseModel):
     )
     lora_adapter: str = Field("default", description="peft adapter name read in 'lora' mode.")
     output_dir: str | None = Field(
-        None, description="Where the report (JSON + PNG) and plan are written; none = no files."
+        None,
+        description="Where the report (JSON + PNG) and plan are written; none = no files. Not empty (that would be "
+        'the current directory; write "." to mean it).',
     )
     plot: bool = Field(True, description="Write a PNG plot of the layer scores next to the JSON report.")
     progress_bar: bool = Field(True, description="Show a progress bar for the observation window on rank 0.")
     consensus_timeout_s: float = Field(
         300.0,
-        gt=0.0,
+        ge=1.0,
         le=604800.0,
+        allow_inf_nan=False,
         description="Seconds a rank waits for the others at any GradPruner collective (the settings check, the "
         "per-step finite check, the ranking, the plan check, the merge, the checkpoint commit) before failing "
-        "with an error; at most one week.",
+        "with an error; at least 1 s, at most one week.",
     )
 
     @field_validator("criterion")
@@ -232,6 +243,16 @@ class GradPrunerConfig(BaseModel):
         if v not in CRITERIA or v == "given":
             raise ValueError(
                 f"criterion must be one of {sorted(set(CRITERIA) - {'given'})} (a plan by hand: layers_to_remove)"
+            )
+        return v
+
+    @field_validator("output_dir")
+    @classmethod
+    def _named_folder(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError(
+                "output_dir must name a folder (an empty one would write into the current directory). Fix: give a "
+                'path, "." for the current directory, or null (leave it out) for no report files'
             )
         return v
 

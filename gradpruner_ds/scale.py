@@ -49,7 +49,69 @@ LLAMA_3_1_8B = dict(
     rope_theta=500000.0,
     rms_norm_eps=1e-5,
 )
-KNOWN = {"llama-3.1-70b": LLAMA_3_1_70B, "llama-3.1-8b": LLAMA_3_1_8B}
+MISTRAL_7B = dict(  # Mistral-7B-v0.3
+    model_type="mistral",
+    vocab_size=32768,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=32768,
+    tie_word_embeddings=False,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-5,
+    sliding_window=None,
+)
+QWEN2_5_7B = dict(
+    model_type="qwen2",
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=131072,
+    tie_word_embeddings=False,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+)
+QWEN3_8B = dict(
+    model_type="qwen3",
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    tie_word_embeddings=False,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+)
+KNOWN = {
+    "llama-3.1-70b": LLAMA_3_1_70B,
+    "llama-3.1-8b": LLAMA_3_1_8B,
+    "mistral-7b": MISTRAL_7B,
+    "qwen2.5-7b": QWEN2_5_7B,
+    "qwen3-8b": QWEN3_8B,
+}
+"""Model architectures by name: every model family of ``configs/`` (also under the spelling of its config
+file, e.g. ``llama3.1-70b``). Weights are bf16 unless a config says otherwise (``torch_dtype`` / ``dtype``)."""
+ALIASES = {"llama3.1-70b": "llama-3.1-70b", "llama3.1-8b": "llama-3.1-8b"}
+
+_SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
 @dataclass(frozen=True)
@@ -93,6 +155,17 @@ class DryRun:
     """The same for every map / dtype choice (what keeps a large model affordable)."""
     repair_fold_bytes: int = 0
     """Bytes a rank receives to assemble the folded matrices (one MLP writer per run)."""
+    ranking: str = ""
+    """Where the plan's ranking comes from: assumed (a dry run has no scores), given scores, or given layers."""
+    weight_dtype: str = "bfloat16"
+    """The training weights' dtype (the model config's ``torch_dtype`` / ``dtype``; bf16 when it has none)."""
+    teacher_bytes_per_rank: int = 0
+    """The ``recovery`` teacher on a rank: its ZeRO-3 / FSDP2 shard of a frozen copy of the pre-prune weights
+    (0 without a ``recovery`` block)."""
+    teacher_bytes_whole: int = 0
+    """The same teacher whole, as one process and ZeRO-1/2 hold it."""
+    teacher_steps: int = 0
+    """Optimizer steps the teacher lives after the prune (``recovery.distill_steps``)."""
     time_s: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -104,14 +177,93 @@ def _partition(numel: int, world: int) -> int:
     return -(-numel // world)
 
 
+def check_model_config(model_config: Any, where: str = "the model config") -> None:
+    """A model config the dry run can build: an HF ``config.json`` dict whose sizes are positive integers and fit
+    together (``gradpruner:`` errors naming the key, the value and the fix)."""
+    from gradpruner_ds.errors import user_error
+
+    if not isinstance(model_config, dict) or not isinstance(model_config.get("model_type"), str):
+        raise user_error(
+            f"{where} must be an HF config.json object with a model_type",
+            type(model_config).__name__,
+            "fix it",
+        )
+    from transformers import CONFIG_MAPPING
+
+    if model_config["model_type"] not in CONFIG_MAPPING:
+        raise user_error(
+            f"{where}: model_type must be one transformers knows",
+            model_config["model_type"],
+            "use the config.json of a Llama, Mistral, Qwen2/3 or Gemma2/3 model",
+        )
+    for key in _SIZES:
+        value = model_config.get(key)
+        if value is None and key in (
+            "head_dim",
+            "num_key_value_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
+            continue
+        if value is None or isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise user_error(
+                f"{where}: '{key}' must be a positive integer", value, f"set '{key}' as the model has it"
+            )
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = model_config.get(key)
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise user_error(
+                f"{where}: '{key}' must be a positive number", value, f"set '{key}' as the model has it"
+            )
+    heads, kv = model_config["num_attention_heads"], model_config.get("num_key_value_heads") or 1
+    if model_config.get("num_key_value_heads") and heads % kv:
+        raise user_error(
+            f"{where}: num_attention_heads must be a multiple of num_key_value_heads",
+            (heads, kv),
+            "fix the config",
+        )
+    if model_config.get("head_dim") is None and model_config["hidden_size"] % heads:
+        raise user_error(
+            f"{where}: hidden_size must be a multiple of num_attention_heads (or head_dim given)",
+            (model_config["hidden_size"], heads),
+            "fix the config",
+        )
+    dtype = _dtype_name(model_config)
+    if dtype not in _DTYPE_BYTES:
+        raise user_error(
+            f"{where}: torch_dtype must be one of {sorted(_DTYPE_BYTES)}", dtype, "fix the config"
+        )
+
+
+def _dtype_name(model_config: dict[str, Any]) -> str:
+    value = model_config.get("dtype") or model_config.get("torch_dtype") or "bfloat16"
+    return str(value).removeprefix("torch.")
+
+
 def meta_model(model_config: dict[str, Any]) -> torch.nn.Module:
-    """An HF CausalLM of the given config on the meta device (no memory, any size)."""
+    """An HF CausalLM of the given config on the meta device (no memory, any size); the config is checked first
+    (:func:`check_model_config`), and a config transformers still cannot build is a ``gradpruner:`` error."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from gradpruner_ds.errors import user_error
+
+    check_model_config(model_config)
     cfg = dict(model_config)
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    try:
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises for a config it cannot build
+        raise user_error(
+            "the model config must describe a model transformers can build",
+            f"{type(exc).__name__}: {exc}",
+            "fix the config.json (or pass a known name)",
+        ) from None
 
 
 def dry_run(
@@ -128,8 +280,11 @@ def dry_run(
 ) -> DryRun:
     """Predict GradPruner's costs for ``model_config`` on ``world_size`` ranks (ZeRO-3 / FSDP2 sharding).
 
-    ``scores`` fixes the ranking (default: the paper's typical shape, importance falling with depth,
-    which is what the raw IGIA sum gives); the plan, the surgery and the partition sizes are real.
+    ``scores`` fixes the ranking (default: an ASSUMPTION, importance falling with depth, which is what the raw
+    IGIA sum gives; a dry run has no scores, so the layers a real run removes will differ; a plan given by
+    ``layers_to_remove`` is exact); the plan, the surgery and the partition sizes are real. With a ``recovery``
+    block the teacher's memory is counted: each rank's shard of a frozen copy of the weights (ZeRO-3 / FSDP2,
+    what the dry run models) and the whole copy one process or ZeRO-1/2 hold.
     """
     hw = hw or Hardware()
     model = meta_model(model_config)
@@ -158,16 +313,27 @@ def dry_run(
             for s in layer.values()
         )
         obs_colls, obs_bytes = 2, 8 + per_step * 4
-    sc = scores if scores is not None else [float(n_layers - i) for i in range(n_layers)]
+    if gp.layers_to_remove is not None:
+        sc = [0.0 if i in gp.layers_to_remove else 1.0 for i in range(n_layers)]
+        ranking = "given: layers_to_remove (exact)"
+    elif scores is not None:
+        sc, ranking = list(scores), "given scores"
+    else:
+        sc = [float(n_layers - i) for i in range(n_layers)]
+        ranking = (
+            "an ASSUMED ranking, importance falling with depth (a dry run has no scores; the layers a real run removes "
+            "follow its measured scores and will differ; the costs depend on how many layers, not which)"
+        )
     plan = make_plan(
         sc,
         n_drop,
         n_merge,
-        criterion=gp.criterion,
+        criterion=gp.effective_criterion,
         observed_steps=window,
         skipped_steps=0,
         step=window,
         config_digest=gp.config_digest(),
+        protect=gp.protect_layers,
     )
     n_merged_mats = len(plan.merged) * len(spec.linear_names)
     ranking_bytes = (window + 2) * n_mat * 8 + 8 * 8  # score table + plan-digest check
@@ -175,6 +341,14 @@ def dry_run(
     merge_bytes = (4 * n_merged_mats * 256 * 8 + n_merged_mats * 2 * 8) if plan.merged else 0
     params_before = sum(p.numel() for p in model.parameters())
     part_before = sum(_partition(p.numel(), world_size) for p in model.parameters())
+    dtype = _dtype_name(model_config)
+    teacher: dict[str, Any] = {"weight_dtype": dtype, "ranking": ranking}
+    if gp.recovery is not None:  # a frozen copy of the pre-prune weights in their training dtype
+        teacher.update(
+            teacher_bytes_per_rank=part_before * _DTYPE_BYTES[dtype],
+            teacher_bytes_whole=params_before * _DTYPE_BYTES[dtype],
+            teacher_steps=gp.recovery.distill_steps,
+        )
     remove_layers(model, list(plan.removed))
     params_after = sum(p.numel() for p in model.parameters())
     part_after = sum(_partition(p.numel(), world_size) for p in model.parameters())
@@ -235,6 +409,7 @@ def dry_run(
         optimizer_state_bytes_after=12 * part_after,
         time_s=t,
         **repair,
+        **teacher,
     )
 
 
@@ -246,6 +421,7 @@ def format_dry_run(d: DryRun) -> str:
         f"{d.world_size} ranks, {d.mode} mode, window {d.window_steps} steps",
         f"  plan: remove {len(d.removed)} layers {d.removed} (merged {d.merged}) -> "
         f"{d.params_after / 1e9:.2f} B params ({100 * d.params_after / d.params_before:.1f}%)",
+        f"  layers chosen by: {d.ranking or 'ASSUMED ranking: importance falling with depth'}",
         f"  IGIA state per rank: {d.igia_bytes_per_rank / gib:.3f} GiB (collected only for an IGIA criterion or a merge)",
         f"  observation: {d.observe_collectives_per_step} all-reduce(s) / step, {d.observe_bytes_per_step} B; "
         "no all-gather",
@@ -260,6 +436,15 @@ def format_dry_run(d: DryRun) -> str:
                 + f" GiB); fold gathers {d.repair_fold_bytes / gib:.3f} GiB"
             ]
             if d.repair_runs
+            else []
+        ),
+        *(
+            [
+                f"  recovery teacher ({d.teacher_steps} steps after the prune, {d.weight_dtype} weights): "
+                f"{d.teacher_bytes_per_rank / gib:.3f} GiB per rank (its ZeRO-3 / FSDP2 shard); a whole copy, "
+                f"{d.teacher_bytes_whole / gib:.3f} GiB, in one process or under ZeRO-1/2"
+            ]
+            if d.teacher_steps
             else []
         ),
         "  estimated time (assumed bandwidths): "

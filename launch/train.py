@@ -18,9 +18,11 @@ step; the data order comes from a ``DistributedSampler`` whose global micro-batc
 items for every world size, so runs with the same ``--batch_size`` see the same global batches.
 Accuracy (log-likelihood multiple choice) is measured on rank 0 on a test subset before training and,
 after training, on the saved pruned checkpoint. The final model + tokenizer are written to
-``<output_dir>/final`` as sharded safetensors (gathered one layer at a time under ZeRO-3), loadable with
-``AutoModelForCausalLM.from_pretrained``; ``<output_dir>/summary.json`` holds the run's numbers and the
-GradPruner report (plan, scores, PNG) lands in the block's ``output_dir`` (default ``--output_dir``).
+``<output_dir>/final`` as safetensors (``gradpruner_ds.save_pretrained``: transformers' shard size, gathered
+one layer at a time under ZeRO-3), loadable with ``AutoModelForCausalLM.from_pretrained``;
+``<output_dir>/summary.json`` holds the run's numbers and the GradPruner report (plan, scores, PNG) lands in
+the block's ``output_dir`` (default ``--output_dir``). A run whose final loss or weights are not finite (it
+diverged) saves neither and exits with a ``gradpruner:`` error (exit code 2), unless ``--save_non_finite``.
 """
 
 from __future__ import annotations
@@ -102,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads per process (0: 1 per rank under --deepspeed, else the idle cores)")
     p.add_argument("--no_save", action="store_true", help="do not write the final checkpoint")
+    p.add_argument("--save_non_finite", action="store_true",
+                   help="write the final checkpoint even when the final loss or the weights are not finite (a "
+                        "diverged run; summary.json says non_finite: true); without it such a run saves nothing "
+                        "and exits with a gradpruner: error")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     p.add_argument("--verbose", action="store_true", help="keep DeepSpeed / transformers info logs")
     deepspeed.add_config_arguments(p)
@@ -376,6 +382,8 @@ def validate_args(args: argparse.Namespace) -> None:
             raise user_error(f"--{name} must be a {kind} number", value, f"pass e.g. --{name} {1e-4 if name == 'lr' else 0.0}")
     if args.max_test is not None and args.max_test < 1:
         raise user_error("--max_test must be at least 1", args.max_test, "pass a positive cap or leave it out")
+    if not str(args.output_dir).strip():
+        raise user_error("--output_dir must name a folder", args.output_dir, "pass e.g. --output_dir runs/demo")
     if not Path(args.task).exists():
         raise user_error("--task must be a BIG-bench .json file or a PIQA folder", args.task, "pass an existing path")
 
@@ -409,6 +417,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("train.py: --eval_at scores the in-memory model, which ZeRO-3 partitions; use ZeRO-1/2 or one process")
     if gp_cfg is not None and gp_cfg.output_dir is None:
         gp_cfg = gp_cfg.model_copy(update={"output_dir": str(args.output_dir)})
+    if not args.no_save:  # the final model's folder is checked now, not after the training
+        from gradpruner_ds.export import check_target
+
+        check_target(Path(args.output_dir) / "final")
 
     rank, world = init_distributed() if use_ds else (0, 1)
     log = RankPrinter(rank)
@@ -555,15 +567,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     med_step = sorted(step_times)[len(step_times) // 2]
     log(f"trained {args.max_steps} steps in {train_s:.1f}s (median step {med_step:.2f}s); loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
+    # ---- a diverged run is not a result: nothing is saved as final (unless --save_non_finite) ----
+    module = loop.module
+    non_finite = _non_finite(losses[-1], module, world)
+    if non_finite:
+        from gradpruner_ds.errors import user_error
+
+        if not args.save_non_finite:
+            raise user_error(
+                "a run whose final loss or weights are not finite is not saved as its final model (it diverged)",
+                non_finite,
+                "lower --lr or check --gradient_clipping / the loss scale and train again; or pass --save_non_finite "
+                "to write it anyway",
+            )
+        log(f"warning: {non_finite}; saved anyway (--save_non_finite)")
+
     # ---- save the (pruned) model ----
     final_dir = out_dir / "final"
-    module = loop.module
     zero3 = use_ds and int(loop.holder.zero_optimization_stage()) == 3
     if not args.no_save:  # LoRA: the saved model is the pruned base with the trained adapters merged in
         from gradpruner_ds.export import save_pretrained
 
         t0 = time.perf_counter()
-        save_pretrained(loop.holder, final_dir, tokenizer)
+        save_pretrained(loop.holder, final_dir, tokenizer, allow_non_finite=args.save_non_finite)
         log(f"final model written to {final_dir} ({time.perf_counter() - t0:.1f}s)")
     if use_ds:
         dist.barrier()
@@ -589,6 +615,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "acc_before": acc_before,
         "curve": curve,
         "eval_s": eval_s,
+        "non_finite": bool(non_finite),
     }
     if pruner.plan is not None:
         summary["plan"] = {"dropped": list(pruner.plan.dropped), "merged": list(pruner.plan.merged),
@@ -618,6 +645,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _non_finite(final_loss: float, module: Any, world: int) -> str:
+    """What is not finite at the end of the run ("" when nothing): the final loss (the same on every rank, it
+    is all-reduced) and the weights (each rank checks what it holds: under ZeRO-3 its partition, under FSDP2
+    its shard; one all-reduce of the count)."""
+    import math
+
+    import torch
+
+    bad = []
+    for name, p in module.named_parameters():
+        t = getattr(p, "ds_tensor", None)  # ZeRO-3: this rank's partition of the parameter
+        t = p if t is None else t
+        t = t.to_local() if hasattr(t, "to_local") else t
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.detach()).all()):
+            bad.append(name)
+    count = len(bad)
+    if world > 1:
+        import torch.distributed as dist
+
+        total = torch.tensor([count], dtype=torch.int64)
+        dist.all_reduce(total)
+        count = int(total)
+    parts = [f"final loss {final_loss}"] if not math.isfinite(final_loss) else []
+    if count:
+        parts.append(f"inf/NaN weights in {count} tensors" + (f" (e.g. {', '.join(bad[:3])})" if bad else ""))
+    return "; ".join(parts)
+
+
 def _parse_eval_at(text: str, max_steps: int) -> set[int]:
     """The optimizer steps of ``--eval_at`` (validated: integers in [1, max_steps])."""
     steps: set[int] = set()
@@ -632,6 +687,8 @@ def _parse_eval_at(text: str, max_steps: int) -> set[int]:
 
 def _print_summary(log: Callable[..., None], s: dict[str, Any]) -> None:
     log("=" * 72)
+    if s.get("non_finite"):
+        log("WARNING: this run did not end finite (saved only because of --save_non_finite)")
     if "pruned_params" in s:
         frac = 100.0 * s["pruned_params"] / s["dense_params"]
         kind = "pruned" if s["gradpruner"] else "final (GradPruner off)"

@@ -98,6 +98,11 @@ def _as_is(tensors: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
     yield list(tensors)
 
 
+def global_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The whole parameter's shape (ZeRO-3 keeps it in ``ds_shape``; a DTensor's ``shape`` is global)."""
+    return tuple(getattr(p, "ds_shape", None) or p.shape)
+
+
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's piece of a tensor (an FSDP2 DTensor's local shard; any other tensor as it is)."""
     return t.to_local() if hasattr(t, "to_local") else t

@@ -194,3 +194,20 @@ def test_config_errors_stop_every_rank_before_training(tmp_path):
     assert "gradpruner: the config has no 'gradpruner' block but a key that looks like a misspelling" in log
     # a user mistake is one message per rank, not a traceback (torchrun adds its own summary, exit code 1)
     assert f'File "{TRAIN}"' not in log and not (tmp_path / "out" / "final").exists()
+
+
+@pytest.mark.skipif(tool("torchrun") is None, reason="torchrun not installed")
+def test_a_diverged_zero3_run_saves_nothing_and_every_rank_exits_non_zero(tmp_path):
+    """--lr 1e12: after the first updates the forward overflows and the loss is NaN (the same on every rank: it
+    is all-reduced; DeepSpeed skips the non-finite steps, so the weights stay finite; each rank checks its own
+    ZeRO-3 partition, one all-reduce): no final/ and no summary.json, one gradpruner: error per rank.
+    (Drop only: a merge after overflow-skipped ZeRO-3 steps fails earlier, inside the merge's re-assembly of
+    a whole parameter: reported with issue #30.)"""
+    block = tmp_path / "drop.json"
+    block.write_text(json.dumps({"window_steps": 3, "num_drop": 2, "progress_bar": False, "plot": False}))
+    args = train_args(tmp_path, block, "zero3.json")
+    args[args.index("--lr") + 1] = "1e12"
+    log = launch([tool("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), *args], expect_rc=1)
+    assert log.count("gradpruner: a run whose final loss or weights are not finite is not saved") == 2, log[-3000:]
+    assert "(got 'final loss nan')" in log
+    assert not (tmp_path / "final").exists() and not (tmp_path / "summary.json").exists()

@@ -52,3 +52,21 @@ def test_70b_dry_run_on_the_meta_device(capsys):
     assert default.igia_bytes_per_rank == 0 and default.observe_bytes_per_step == 8
     assert cli_main(["plan", "--model-config", "llama-3.1-70b", "--world-size", "256"]) == 0
     assert "IGIA state per rank" in capsys.readouterr().out
+
+
+def test_the_dry_run_counts_the_recovery_teacher_that_zero3_ranks_hold():
+    """With a ``recovery`` block the plan counts the teacher: each rank's ZeRO-3 shard of a frozen copy of the
+    pre-prune weights (what 2 real ZeRO-3 ranks hold), and the whole copy of one process."""
+    from helpers.training import single_process_run
+    from test_deepspeed import MICRO
+
+    block = {**BLOCK, "recovery": {"distill_steps": 2}}
+    cfg = {**tiny_llama_config(6).to_dict(), "dtype": "float32"}
+    pred = dry_run(cfg, GradPrunerConfig.from_dict(block), world_size=2)
+    assert pred.teacher_steps == 2 and pred.weight_dtype == "float32"
+    ranks = run_ranks(deepspeed_run, 2, block, STEPS, 3, MICRO, GAS, CLIP, timeout=300)
+    for r in ranks:
+        assert r["recovery"]["teacher_bytes"] == pytest.approx(pred.teacher_bytes_per_rank, rel=0.02)
+    whole = single_process_run(block, STEPS, 2, MICRO, GAS, CLIP)
+    assert whole["recovery"]["teacher_bytes"] == pred.teacher_bytes_whole
+    assert dry_run(cfg, GradPrunerConfig.from_dict(BLOCK), world_size=2).teacher_bytes_per_rank == 0

@@ -102,6 +102,7 @@ def run_result(out: dict[str, Any], losses: list[float], pruner: GradPruner) -> 
         plan=pruner.plan.to_dict(),
         merge=pruner.report["merge"] if pruner.report else None,
         repair=pruner.report.get("repair") if pruner.report else None,
+        recovery=pruner.report.get("recovery") if pruner.report else None,
     )
     return out
 

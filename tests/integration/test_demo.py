@@ -71,7 +71,9 @@ def test_demo_prunes_smollm2_and_saves_a_loadable_checkpoint(tmp_path):
     assert (tmp_path / "gradpruner_scores.png").is_file()
 
     final = tmp_path / "final"
-    assert (final / "model.safetensors.index.json").is_file() and (final / "tokenizer.json").is_file()
+    # one file, like transformers' own save_pretrained with its default max_shard_size
+    assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
+    assert not (final / "model.safetensors.index.json").exists()
     model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
     assert model.config.num_hidden_layers == 21 and len(model.model.layers) == 21
     assert sum(p.numel() for p in model.parameters()) == summary["pruned_params"]

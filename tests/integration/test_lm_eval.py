@@ -49,3 +49,90 @@ def test_eval_command_without_tasks_is_a_clear_error(saved):
                               batch_size=8, device="cpu", metric="acc", json=None)  # fmt: skip
     with pytest.raises(GradPrunerError, match="--tasks must name at least one"):
         run_cli(args)
+
+
+# ---- gradpruner-ds eval checks every argument before any work ----------------------------------------
+@pytest.fixture(scope="module")
+def unloadable(tmp_path_factory):
+    """A folder that looks like a checkpoint (config.json, model.safetensors) but whose weights are garbage:
+    any evaluation work would fail on it with a traceback, so a gradpruner: error proves the check came first."""
+    from helpers.tiny import tiny_llama_config
+
+    out = tmp_path_factory.mktemp("unloadable")
+    tiny_llama_config(2).save_pretrained(out)
+    (out / "model.safetensors").write_bytes(b"not a safetensors file")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory):
+    from launch.lm_eval_tasks import TASKS, write_task
+
+    out = tmp_path_factory.mktemp("gp_tasks")
+    write_task("intent_recognition", TASKS["intent_recognition"], out, limit=40)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("extra", "phrase"),
+    [
+        (["--tasks", "pqia"], "--tasks must name lm_eval tasks, groups or tags"),
+        (
+            ["--tasks", "gp_intent_recognition", "--include-path", None],
+            "(local task YAMLs need --include-path)",
+        ),
+        (["--include-path", "{tmp}/no-such-folder"], "--include-path must be a folder"),
+        (
+            ["--json", "{tmp}/no-such-folder/results.json"],
+            "--json must be a file path in an existing, writable",
+        ),
+        (["--json", "{tmp}"], "--json must be a file path"),
+        (["--dense", "{tmp}/no-such-dense"], "--dense must be a from_pretrained folder"),
+        (["--model", "{tmp}"], "--model must be a from_pretrained folder"),
+        (["--metric", "acc_nrom"], "--metric must be one the task computes (gp_intent_recognition: acc)"),
+        (["--device", "gpu9"], "--device must be a torch device"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--limit", "0"], "--limit must be at least 1"),
+    ],
+)
+def test_eval_checks_every_argument_before_any_work(tmp_path, capsys, unloadable, tasks_dir, extra, phrase):
+    from gradpruner_ds.cli import main
+
+    args = {"--model": str(unloadable), "--tasks": "gp_intent_recognition", "--include-path": str(tasks_dir)}
+    for key, value in zip(extra[::2], extra[1::2], strict=True):
+        args[key] = None if value is None else value.format(tmp=tmp_path)
+    argv = ["eval"] + [x for k, v in args.items() if v is not None for x in (k, v)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("gradpruner: ") and phrase in err[-1], err[-3:]
+    assert "Traceback" not in "\n".join(err)
+    assert not any(tmp_path.rglob("*.json"))
+
+
+def test_an_unknown_task_names_the_close_ones(capsys, unloadable):
+    from gradpruner_ds.cli import main
+
+    assert main(["eval", "--model", str(unloadable), "--tasks", "piqa,arc_easyy"]) == 2
+    err = capsys.readouterr().err
+    assert "(got 'arc_easyy')" in err and "did you mean ['arc_easy'" in err
+
+
+def test_eval_prints_items_and_standard_errors(tmp_path, capsys, saved, tasks_dir):
+    """Each accuracy with its standard error (sqrt(p (1 - p) / (n - 1)), lm_eval's formula for a mean) and the
+    number of items; the same in --json."""
+    import json
+    import math
+
+    from gradpruner_ds.cli import main
+
+    out = tmp_path / "results.json"
+    argv = ["eval", "--model", str(saved[0]), "--dense", str(saved[0]), "--tasks", "gp_intent_recognition",
+            "--include-path", str(tasks_dir), "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    row = json.loads(out.read_text())["pruned"]["gp_intent_recognition"]
+    assert row["n"] == 40
+    assert row["acc_stderr"] == pytest.approx(math.sqrt(row["acc"] * (1 - row["acc"]) / 39))
+    cell = f"{row['acc']:.4f} ± {row['acc_stderr']:.4f}"
+    assert "| task | items | pruned acc | dense acc | pruned - dense |" in table
+    assert f"| gp_intent_recognition | 40 | {cell} | {cell} | +0.0000 |" in table

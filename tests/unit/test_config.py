@@ -114,3 +114,83 @@ def test_every_field_is_documented_and_the_reference_is_in_sync():
     table = config_reference_markdown()
     assert table in (ROOT / "docs" / "config.md").read_text(), "run: python -m gradpruner_ds.config > table"
     assert table in (ROOT / "README.md").read_text()
+
+
+# ---- every number has a finite range that makes sense ------------------------------------------------
+def _float_fields() -> list[tuple[str, object]]:
+    """``(key, field)`` of every float option, sub-blocks' included (``recovery.temperature``, ...)."""
+    import typing
+
+    from gradpruner_ds.config import SUB_BLOCKS
+
+    def is_float(f) -> bool:
+        return f.annotation is float or float in typing.get_args(f.annotation)
+
+    out = [(k, f) for k, f in GradPrunerConfig.model_fields.items() if is_float(f)]
+    for block, model in SUB_BLOCKS.items():
+        out += [(f"{block}.{k}", f) for k, f in model.model_fields.items() if is_float(f)]
+    return out
+
+
+def _with(key: str, value: object) -> dict:
+    """A valid block with ``key`` (dotted for a sub-block) set to ``value``."""
+    base: dict = {"window_steps": 4, "num_drop": 2}
+    if key in ("window_fraction",):
+        base.pop("window_steps")
+    if key in ("prune_ratio",):
+        base.pop("num_drop")
+    if "." in key:
+        block, sub = key.split(".")
+        base[block] = {"recovery": {"distill_steps": 2}, "repair": {"steps": 2}}[block] | {sub: value}
+    else:
+        base[key] = value
+    return base
+
+
+@pytest.mark.parametrize("key", [k for k, _ in _float_fields()])
+def test_every_float_option_has_a_finite_range_and_refuses_inf_and_nan(key):
+    import annotated_types
+
+    field = dict(_float_fields())[key]
+    low = [m for m in field.metadata if isinstance(m, annotated_types.Ge | annotated_types.Gt)]
+    high = [m for m in field.metadata if isinstance(m, annotated_types.Le | annotated_types.Lt)]
+    assert low and high, f"{key} needs a lower and an upper bound"
+    for value in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(ValueError) as exc:
+            GradPrunerConfig.from_dict(_with(key, value))
+        msg = str(exc.value)
+        assert msg.startswith("gradpruner:") and f"'{key}'" in msg and "Fix:" in msg, msg
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("recovery.temperature", 1e200, "less than or equal to 100"),
+        ("recovery.temperature", 1e-45, "greater than or equal to 0.1"),
+        ("consensus_timeout_s", 1e-7, "greater than or equal to 1"),
+        ("consensus_timeout_s", 1e-300, "greater than or equal to 1"),
+        ("output_dir", "", "output_dir must name a folder"),
+        ("output_dir", "  ", "output_dir must name a folder"),
+    ],
+)
+def test_values_that_used_to_be_accepted_and_break_the_run(key, value, needle):
+    """1e200 / 1e-45 made the distillation loss NaN; a timeout of 1e-7 s became timedelta(0) = no limit; an
+    empty output_dir wrote the report into the current directory."""
+    with pytest.raises(ValueError) as exc:
+        GradPrunerConfig.from_dict(_with(key, value))
+    assert str(exc.value).startswith("gradpruner:") and needle in str(exc.value)
+
+
+def test_the_distillation_loss_is_finite_over_the_whole_temperature_range():
+    import torch
+
+    from gradpruner_ds.recovery import distill_kl
+
+    torch.manual_seed(0)
+    student, teacher = ((torch.randn(2, 6, 4096) * 3000).to(torch.bfloat16) for _ in range(2))
+    mask = torch.ones(2, 6)
+    for t in (0.1, 1.0, 2.0, 100.0):
+        assert torch.isfinite(distill_kl(student, teacher, mask, t)), t
+    GradPrunerConfig.from_dict(_with("recovery.temperature", 0.1))
+    GradPrunerConfig.from_dict(_with("recovery.temperature", 100.0))
+    GradPrunerConfig.from_dict(_with("consensus_timeout_s", 1.0))
