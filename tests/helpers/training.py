@@ -186,9 +186,11 @@ def deepspeed_run(
     )
     out: dict[str, Any] = {"observe_calls": [], "plan_calls": [], "merge_calls": []}
     if instrument:
-        for name in ("observe", "make_plan", "merge"):
-            orig = getattr(pruner, name)
-            key = f"{name.replace('make_', '')}_calls"
+        import gradpruner_ds.pruner as pruner_module
+
+        for owner, name in ((pruner, "observe"), (pruner, "make_plan"), (pruner_module, "merge_layers")):
+            orig = getattr(owner, name)
+            key = {"observe": "observe_calls", "make_plan": "plan_calls", "merge_layers": "merge_calls"}[name]
 
             def wrapped(*a, __orig=orig, __key=key, **kw):
                 with count_collectives() as calls:
@@ -196,7 +198,7 @@ def deepspeed_run(
                 out[__key].append(calls)
                 return result
 
-            setattr(pruner, name, wrapped)
+            setattr(owner, name, wrapped)  # a rank's own process: the module-level patch is its alone
     losses = []
     start = 0
     if resume:
