@@ -27,6 +27,7 @@ _LAZY = {
     "GradPrunerCallback": "gradpruner_ds.integrations.hf_trainer",
     "add_argparse_args": "gradpruner_ds.args",
     "resolve_config": "gradpruner_ds.args",
+    "read_block_file": "gradpruner_ds.args",
     "save_checkpoint": "gradpruner_ds.checkpoint",
     "save_pretrained": "gradpruner_ds.export",
     "load_checkpoint": "gradpruner_ds.checkpoint",

@@ -4,7 +4,7 @@ Each task becomes ``gp_<task>`` (multiple choice, metric ``acc``), on the same t
 prompt and choices as ``launch/tasks.py`` scores them (``prompt + " " + choice``), so lm_eval's accuracy and
 ours can be compared item by item:
 
-    python launch/lm_eval_tasks.py --out /tmp/gp_tasks [--max_test 200]
+    python -m launch.lm_eval_tasks --out /tmp/gp_tasks [--max_test 200]
     gradpruner-ds eval --model outputs/demo/final --tasks gp_intent_recognition --include-path /tmp/gp_tasks
 """
 
@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 TASKS = {
     "intent_recognition": ROOT / "data" / "bigbench" / "intent_recognition.json",

@@ -3,12 +3,12 @@
 
 The project's demo and reference training script. One process (plain PyTorch)::
 
-    python launch/train.py --gradpruner --gradpruner_config configs/demo.json --output_dir runs/demo
+    python -m launch.train --gradpruner --gradpruner_config configs/demo.json --output_dir runs/demo
 
 DeepSpeed ZeRO-1/2/3 on several CPU ranks (any launcher; one thread per rank)::
 
     torchrun --nproc_per_node 2 launch/train.py --deepspeed --deepspeed_config configs/zero3.json --gradpruner ...
-    mpirun -np 2 python launch/train.py --deepspeed --deepspeed_config configs/zero2.json --gradpruner ...
+    mpirun -np 2 python -m launch.train --deepspeed --deepspeed_config configs/zero2.json --gradpruner ...
     deepspeed --num_gpus 2 launch/train.py --deepspeed --deepspeed_config configs/zero1.json --gradpruner ...
 
 What it does: a deterministic train/val/test split of the task (``split_task``), causal-LM training on
@@ -41,8 +41,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere: the package lives in the repo root
-    sys.path.insert(0, str(ROOT))
 
 DEFAULT_TASK = ROOT / "data" / "bigbench" / "intent_recognition.json"
 

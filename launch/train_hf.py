@@ -4,7 +4,7 @@ The same fine-tuning as ``launch/train.py`` (SmolLM2-135M on a multiple-choice t
 repository's ``data/``), written the Trainer way: ``TrainingArguments`` + ``Trainer`` + ``add_gradpruner``.
 
     # one process
-    python launch/train_hf.py --gradpruner_config configs/gradpruner_trainer.json
+    python -m launch.train_hf --gradpruner_config configs/gradpruner_trainer.json
     # DeepSpeed ZeRO-2 / ZeRO-3 on 2 CPU ranks (the block may also sit in the DeepSpeed config)
     torchrun --nproc_per_node 2 launch/train_hf.py --deepspeed configs/trainer_zero2.json
     # FSDP2: the model is sharded at load time by transformers (DistributedConfig(fsdp_size=world))
@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 DEFAULT_TASK = ROOT / "data" / "bigbench" / "intent_recognition.json"
 

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false
-python -m torch.distributed.run --nproc_per_node 2 launch/train.py --deepspeed \
+export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python -m torch.distributed.run --nproc_per_node 2 -m launch.train --deepspeed \
   --deepspeed_config configs/zero3.json --gradpruner --gradpruner_config configs/demo.json \
   --output_dir outputs/demo_zero3 "$@"

@@ -27,8 +27,8 @@ runs the worktree's code while the main checkout changes; its summary records th
 Resumable: a run whose ``summary.json`` is in ``--out`` is skipped; runs write to a scratch folder
 (``--scratch``) and only the small result files are copied into ``--out`` when a run has finished.
 
-    python benchmarks/quality/fullrun.py --tasks piqa,intent_recognition --budget 0.3 --workers 1
-    python benchmarks/quality/fullrun.py --summary          # tables from what has finished
+    python -m benchmarks.quality.fullrun --tasks piqa,intent_recognition --budget 0.3 --workers 1
+    python -m benchmarks.quality.fullrun --summary          # tables from what has finished
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-test", type=int, default=200)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "quality" / "fullrun"))
+    ap.add_argument("--out", default=str(ROOT / "results" / "fullrun"))
     ap.add_argument("--scratch", default="/tmp/gp/fullrun", help="run folders (logs, reports); not kept")
     ap.add_argument("--workers", type=int, default=1, help="runs at a time (one thread each)")
     ap.add_argument("--list", action="store_true", help="print the runs and whether they are done")
@@ -245,7 +245,7 @@ def run_job(args: argparse.Namespace, job: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.summary:
-        from summarize_fullrun import print_tables
+        from benchmarks.quality.summarize_fullrun import print_tables
 
         print_tables(Path(args.out))
         return

@@ -7,8 +7,8 @@ forwards, nothing trained: the model stays the pre-trained one), read after 1, 2
 (tokens), each variant solved with ``gradpruner_ds.core.repair`` and folded into a copy of the model before the
 plan's layers are removed (``gradpruner_ds.surgery.remove_layers``).
 
-    python benchmarks/quality/repair_zeroshot.py --task piqa --removed 3,12,13,14,15,16,17,25,26
-    python benchmarks/quality/repair_zeroshot.py --task piqa --plan runs/x/gradpruner_plan.json --json out.json
+    python -m benchmarks.quality.repair_zeroshot --task piqa --removed 3,12,13,14,15,16,17,25,26
+    python -m benchmarks.quality.repair_zeroshot --task piqa --plan runs/x/gradpruner_plan.json --json out.json
 """
 
 from __future__ import annotations
@@ -16,25 +16,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.quality.fullrun import TASKS
+from gradpruner_ds.arch import decoder_layers, get_arch
+from gradpruner_ds.core.repair import fold, removed_runs, residuals, solve_map
+from gradpruner_ds.statistics.repair import RepairStatistic
+from gradpruner_ds.surgery import remove_layers
+from launch.models import load_smollm2
+from launch.tasks import build_train_dataset, collate, evaluate_choices, load_task, split_task
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-sys.path.insert(0, str(ROOT / "benchmarks" / "quality"))
-from fullrun import TASKS  # noqa: E402
-
-from gradpruner_ds.arch import decoder_layers, get_arch  # noqa: E402
-from gradpruner_ds.core.repair import fold, removed_runs, residuals, solve_map  # noqa: E402
-from gradpruner_ds.statistics.repair import RepairStatistic  # noqa: E402
-from gradpruner_ds.surgery import remove_layers  # noqa: E402
-from launch.models import load_smollm2  # noqa: E402
-from launch.tasks import build_train_dataset, collate, evaluate_choices, load_task, split_task  # noqa: E402
 
 VARIANTS = [
     ("full, ridge 1e-5 to 0", {"ridge": 1e-5, "target": "zero", "map": "full"}),

@@ -18,7 +18,7 @@ For the real SmolLM2-135M-Instruct and any task file (BIG-bench JSON or PIQA, vi
 
 Example::
 
-    python benchmarks/quality/run.py --task ../shared/data/bigbench/intent_recognition.json \\
+    python -m benchmarks.quality.run --task ../shared/data/bigbench/intent_recognition.json \\
         --out benchmarks/quality/out/intent --budgets 0.3 --window 4 --retune 8 --test 60
 
 Arm names: ``dense``, ``<criterion>@<budget>`` (e.g. ``igia_sum@0.3``), ``random@0.3#s1`` (seed 1),
@@ -36,26 +36,24 @@ import copy
 import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from gradpruner_ds.arch import decoder_layers, get_arch, layer_linears
+from gradpruner_ds.config import GradPrunerConfig
+from gradpruner_ds.core.criteria import CRITERIA, ScoreContext, layer_scores
+from gradpruner_ds.core.criteria.igia import partial_table
+from gradpruner_ds.core.igia import IGIAAccumulator
+from gradpruner_ds.core.plan import select_layers
+from gradpruner_ds.peft_support import linear_weight
+from gradpruner_ds.pruner import GradPruner
+from launch.models import load_smollm2
+from launch.tasks import build_train_dataset, collate, evaluate_choices, load_task, split_task
 
-from gradpruner_ds.arch import decoder_layers, get_arch, layer_linears  # noqa: E402
-from gradpruner_ds.config import GradPrunerConfig  # noqa: E402
-from gradpruner_ds.core.criteria import CRITERIA, ScoreContext, layer_scores  # noqa: E402
-from gradpruner_ds.core.criteria.igia import partial_table  # noqa: E402
-from gradpruner_ds.core.igia import IGIAAccumulator  # noqa: E402
-from gradpruner_ds.core.plan import select_layers  # noqa: E402
-from gradpruner_ds.peft_support import linear_weight  # noqa: E402
-from gradpruner_ds.pruner import GradPruner  # noqa: E402
-from launch.models import load_smollm2  # noqa: E402
-from launch.tasks import build_train_dataset, collate, evaluate_choices, load_task, split_task  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 ARM_RE = re.compile(
     r"^(?P<crit>[a-z_]+)@(?P<budget>[0-9.]+)(?:\+m(?P<merge>\d+))?(?P<rule>-nosign|-laco)?(?P<lora>~lora)?"

@@ -1,8 +1,8 @@
 """Cross-task summary of quality-harness results: one row per arm and budget, averaged over the tasks
 that ran it, with the spread over its runs (re-tuning data orders ``#d<N>``, random seeds ``#s<N>``).
 
-    python benchmarks/quality/summarize.py benchmarks/quality/results/{intent_recognition,piqa,social_iqa,multiemo} \
-        benchmarks/quality/results/{intent_recognition,piqa,social_iqa,multiemo}_b20 --out docs/benchmarks/quality_summary.md
+    python -m benchmarks.quality.summarize results/quality/{intent_recognition,piqa,social_iqa,multiemo} \
+        results/quality/{intent_recognition,piqa,social_iqa,multiemo}_b20 --out docs/benchmarks/quality_summary.md
 
 Per task and run, the arm's accuracy minus the dense arm's accuracy with the same re-tuning data order
 (the mean of the dense runs when that order has no dense run), and its mean re-tuning loss (last 3

@@ -4,7 +4,7 @@ Per task and budget: every arm's accuracy at each evaluation point of the run (t
 final accuracy paired with the dense run of the same seed (mean +- standard error over seeds), and the
 training wall clock (evaluation excluded), so arms compare at equal steps and at equal time.
 
-    python benchmarks/quality/summarize_fullrun.py [--out benchmarks/quality/fullrun] [--docs]
+    python -m benchmarks.quality.summarize_fullrun [--out results/fullrun] [--docs]
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def print_tables(out: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "quality" / "fullrun"))
+    ap.add_argument("--out", default=str(ROOT / "results" / "fullrun"))
     ap.add_argument("--markdown", default="", help="also write the tables to this file")
     ap.add_argument("--docs", action="store_true", help="put the tables into docs/results.md (between markers)")
     args = ap.parse_args()

@@ -1,12 +1,12 @@
 """Regenerate the quality tables in ``docs/results.md`` from the committed arm results.
 
-    python benchmarks/quality/update_docs.py            # rewrite the generated blocks (and their copies)
-    python benchmarks/quality/update_docs.py --check    # exit 1 if a block differs from the results
+    python -m benchmarks.quality.update_docs            # rewrite the generated blocks (and their copies)
+    python -m benchmarks.quality.update_docs --check    # exit 1 if a block differs from the results
 
 The document marks what is generated; the prose around it is written by hand:
 
 * ``<!-- summary suffix=_b20 out=docs/benchmarks/quality_summary_b20.md -->`` ... ``<!-- /summary -->``:
-  the :mod:`summarize` table of the folders ``benchmarks/quality/results/<task><suffix>`` for the four
+  the :mod:`summarize` table of the folders ``results/quality/<task><suffix>`` for the four
   tasks (an empty suffix: the 30% folders), also written to ``out``; ``folders=a,b,c`` instead of
   ``suffix=`` names the result folders one by one (the observation windows: one window length per task);
 * ``<!-- compute suffixes=,_b20,_b40 -->`` ... ``<!-- /compute -->`` (inline): per folder, the sum of
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "benchmarks" / "quality" / "results"
+RESULTS = ROOT / "results" / "quality"
 DOC = ROOT / "docs" / "results.md"
 TASKS = ("intent_recognition", "piqa", "social_iqa", "multiemo")
 
@@ -79,7 +79,7 @@ def main() -> int:
     stale += [p for p, t in copies.items() if not (ROOT / p).exists() or (ROOT / p).read_text() != t]
     if args.check:
         for p in stale:
-            print(f"out of date: {p} (run python benchmarks/quality/update_docs.py)")
+            print(f"out of date: {p} (run python -m benchmarks.quality.update_docs)")
         return 1 if stale else 0
     DOC.write_text(new)
     for p, t in copies.items():

@@ -12,7 +12,7 @@ distillation step (``pruner.distill``: + the teacher's forward and the KL term).
 
 (The post-prune / dense step ratio is the speed benchmark's, ``benchmarks/speed/run.py``.)
 
-    python benchmarks/speed/recovery.py --pairs 16 --out docs/benchmarks/recovery_cost.json
+    python -m benchmarks.speed.recovery --pairs 16 --out docs/benchmarks/recovery_cost.json
 """
 
 from __future__ import annotations
@@ -25,17 +25,17 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
-from gradpruner_ds.config import GradPrunerConfig  # noqa: E402
-from gradpruner_ds.diagnostics import rss_bytes  # noqa: E402
-from gradpruner_ds.pruner import GradPruner  # noqa: E402
-from launch.models import load_smollm2  # noqa: E402
-from launch.tasks import build_train_dataset, collate, load_task, split_task  # noqa: E402
+from gradpruner_ds.config import GradPrunerConfig
+from gradpruner_ds.diagnostics import rss_bytes
+from gradpruner_ds.pruner import GradPruner
+from launch.models import load_smollm2
+from launch.tasks import build_train_dataset, collate, load_task, split_task
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main(argv: list[str] | None = None) -> dict:

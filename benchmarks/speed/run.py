@@ -11,7 +11,7 @@ For each engine (ZeRO-1/2/3, FSDP2), on N gloo ranks (CPU) and a Llama model of 
 * RSS after / before the prune (and the dense x kept-fraction target);
 * collectives (count, bytes) issued by GradPruner during observation and during the prune.
 
-Usage: python benchmarks/speed/run.py --engines zero1 zero2 zero3 fsdp2 --out docs/benchmarks/speed.json
+Usage: python -m benchmarks.speed.run --engines zero1 zero2 zero3 fsdp2 --out docs/benchmarks/speed.json
 
 On CUDA (``--device cuda --dtype bf16``): NCCL ranks, one GPU each (``--world`` <= GPUs), bf16 mixed
 precision (DeepSpeed ``bf16``, FSDP2 ``MixedPrecisionPolicy``), step times synchronised, and the CUDA
@@ -33,14 +33,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))  # the forked-ranks runner used by the distributed tests
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import torch  # noqa: E402
-from helpers.ranks import free_port, run_ranks  # noqa: E402
+import torch  # noqa: E402 - after the thread settings above
+
+from benchmarks.ranks import free_port, run_ranks  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def bootstrap_median_ci(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float]:

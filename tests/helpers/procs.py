@@ -30,7 +30,8 @@ def launch(cmd: list[str], timeout: float = TIMEOUT, expect_rc: int = 0) -> str:
     The command runs in its own session and is killed as a whole process group when it exceeds its
     time box, so a hung rank can never hang CI."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
-               MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
+               MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

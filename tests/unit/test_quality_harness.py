@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _harness():
-    sys.path.insert(0, str(ROOT))
     spec = importlib.util.spec_from_file_location("quality_run", ROOT / "benchmarks" / "quality" / "run.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)

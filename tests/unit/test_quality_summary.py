@@ -133,13 +133,13 @@ def test_paired_difference_with_the_default_over_data_orders(tmp_path, summarize
 
 def test_docs_tables_match_committed_results():
     """The generated blocks of docs/results.md (tables, compute minutes) and their copies under
-    docs/benchmarks equal what the arm results in benchmarks/quality/results give today."""
+    docs/benchmarks equal what the arm results in results/quality give today."""
     mod = load_script("update_docs")
     text = mod.DOC.read_text()
     assert text.count("<!-- summary suffix=") == 6 and text.count("<!-- summary folders=") == 3
     assert text.count("<!-- compute ") == 3
     new, copies = mod.generate(text)
-    assert new == text, "docs/results.md is out of date: python benchmarks/quality/update_docs.py"
+    assert new == text, "docs/results.md is out of date: python -m benchmarks.quality.update_docs"
     for path, table in copies.items():
         assert (ROOT / path).read_text() == table, path
 

@@ -1,7 +1,6 @@
-"""GradPruner in your own DeepSpeed loop: the README's snippet, whole (tests/dist/test_example.py runs this
-file under torchrun, mpirun and the deepspeed launcher).
+"""GradPruner in your own DeepSpeed loop (ZeRO-1/2/3), the ``"gradpruner"`` block in the DeepSpeed config.
 
-    deepspeed --num_gpus 2 launch/example_deepspeed.py --model PATH --deepspeed_config configs/zero3.json --gradpruner
+    deepspeed --num_gpus 2 examples/deepspeed_loop.py --model PATH --deepspeed_config configs/zero3.json --gradpruner
 """
 
 import argparse

@@ -1,7 +1,8 @@
-"""The README's DeepSpeed snippet, copied literally (``launch/example_deepspeed.py``, checked to be the
-README's text), run the way users run it: under torchrun, mpirun and the deepspeed launcher, with and
-without ``--gradpruner``. The model is a tiny random Llama saved with ``save_pretrained`` (loaded through
-``from_pretrained`` as the snippet does)."""
+"""Every file of ``examples/`` (one per launch, linked from the README's launch table) run as written, the way
+users run it: the plain loop with python, FSDP2 under torchrun, the DeepSpeed loop under torchrun, mpirun and
+the deepspeed launcher (with and without ``--gradpruner``), the HF Trainer in one process and under torchrun
+with a ZeRO-3 config. The model is a tiny random Llama saved with ``save_pretrained`` (loaded through
+``from_pretrained`` as the examples do); each run's saved model reloads with the pruned layer count."""
 
 from __future__ import annotations
 
@@ -15,26 +16,19 @@ from helpers.ranks import free_port
 
 pytestmark = pytest.mark.dist
 
-EXAMPLE = ROOT / "launch" / "example_deepspeed.py"
+EXAMPLES = ROOT / "examples"
+EXAMPLE = EXAMPLES / "deepspeed_loop.py"
 BLOCK = {"window_steps": 2, "num_drop": 2, "progress_bar": False, "plot": False}
 
 
-def _snippet_lines() -> list[str]:
-    text = EXAMPLE.read_text()
-    body = text[text.index("import argparse") :]
-    return [line for line in body.splitlines() if line.strip()]
-
-
-def test_the_readme_shows_the_example_file_verbatim():
+def test_the_readme_links_every_example_with_its_command():
     readme = (ROOT / "README.md").read_text()
-    block = readme[readme.index("```python\nimport argparse") :]
-    block = block[len("```python\n") : block.index("\n```")]
-    assert [line for line in block.splitlines() if line.strip()] == _snippet_lines()
+    for path in sorted(EXAMPLES.glob("*.py")):
+        assert f"examples/{path.name}" in readme, path.name
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(ROOT))
     from launch.train import load_tokenizer, tiny_model
 
     out = tmp_path_factory.mktemp("tiny_model")
@@ -64,10 +58,10 @@ def _run(
     return launch([*launcher, *args], timeout=240)
 
 
-def _layers(tmp_path: Path) -> int:
+def _layers(tmp_path: Path, sub: str = "") -> int:
     from transformers import AutoModelForCausalLM
 
-    return len(AutoModelForCausalLM.from_pretrained(tmp_path / "out").model.layers)
+    return len(AutoModelForCausalLM.from_pretrained(tmp_path / "out" / sub).model.layers)
 
 
 @pytest.mark.skipif(tool("torchrun") is None, reason="torchrun not installed")
@@ -99,3 +93,41 @@ def test_example_under_the_deepspeed_launcher_zero1(tmp_path, model_dir):
     launcher = [tool("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     _run(launcher, tmp_path, model_dir, gradpruner=True, stage=1)
     assert _layers(tmp_path) == 4
+
+
+def _block_file(tmp_path: Path, block: dict = BLOCK) -> Path:
+    path = tmp_path / "gradpruner.json"
+    path.write_text(json.dumps(block))
+    return path
+
+
+def test_the_plain_loop_example(tmp_path, model_dir):
+    launch([sys.executable, str(EXAMPLES / "plain_loop.py"), "--model", str(model_dir), "--steps", "4",
+            "--output_dir", str(tmp_path / "out"), "--gradpruner", "--gradpruner_config", str(_block_file(tmp_path))])  # fmt: skip
+    assert _layers(tmp_path) == 4
+
+
+@pytest.mark.skipif(tool("torchrun") is None, reason="torchrun not installed")
+def test_the_fsdp2_example_under_torchrun(tmp_path, model_dir):
+    torchrun = [tool("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    launch([*torchrun, str(EXAMPLES / "fsdp2.py"), "--model", str(model_dir), "--steps", "4", "--output_dir",
+            str(tmp_path / "out"), "--gradpruner", "--gradpruner_config", str(_block_file(tmp_path))], timeout=240)  # fmt: skip
+    assert _layers(tmp_path) == 4
+
+
+def test_the_trainer_example_in_one_process(tmp_path, model_dir):
+    launch([sys.executable, str(EXAMPLES / "hf_trainer.py"), "--model", str(model_dir), "--steps", "4",
+            "--output_dir", str(tmp_path / "out"), "--gradpruner_config", str(_block_file(tmp_path))])  # fmt: skip
+    assert _layers(tmp_path, "final") == 4
+
+
+@pytest.mark.skipif(tool("torchrun") is None, reason="torchrun not installed")
+def test_the_trainer_example_under_torchrun_with_zero3(tmp_path, model_dir):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+                              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                              "zero_optimization": {"stage": 3}, "gradpruner": BLOCK}))  # fmt: skip
+    torchrun = [tool("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    launch([*torchrun, str(EXAMPLES / "hf_trainer.py"), "--model", str(model_dir), "--steps", "4", "--output_dir",
+            str(tmp_path / "out"), "--deepspeed", str(ds)], timeout=300)  # fmt: skip
+    assert _layers(tmp_path, "final") == 4

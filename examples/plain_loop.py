@@ -1,0 +1,44 @@
+"""GradPruner in your own PyTorch loop, one process (CPU or one GPU).
+
+    python examples/plain_loop.py --model PATH --gradpruner --gradpruner_config configs/demo.json
+"""
+
+import argparse
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import gradpruner_ds
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--model", required=True, help="a from_pretrained folder (Llama, Mistral, Qwen, Gemma)")
+parser.add_argument("--text", default="README.md", help="a text file to train on")
+parser.add_argument("--steps", type=int, default=12)
+parser.add_argument("--output_dir", default="outputs/example_plain")
+gradpruner_ds.add_argparse_args(parser)  # --gradpruner, --gradpruner_config
+args = parser.parse_args()
+gp_config = gradpruner_ds.resolve_config(args, None)  # checked now; None without --gradpruner
+
+tokenizer = AutoTokenizer.from_pretrained(args.model)
+model = AutoModelForCausalLM.from_pretrained(args.model)
+model.train()
+tokens = tokenizer(open(args.text).read(), return_tensors="pt").input_ids[0]
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / args.steps)
+pruner = gradpruner_ds.GradPruner(model, gp_config, total_steps=args.steps) if gp_config else None
+torch.manual_seed(0)
+for _step in range(args.steps):
+    starts = torch.randint(0, len(tokens) - 64, (4,))
+    batch = torch.stack([tokens[s : s + 64] for s in starts])
+    out = model(input_ids=batch, labels=batch)
+    loss = pruner.distill(out.loss, out.logits, {"input_ids": batch, "labels": batch}) if pruner else out.loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if pruner:
+        pruner.observe()  # after backward and clipping, before the optimizer step
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+    if pruner:
+        optimizer, scheduler = pruner.maybe_prune(optimizer, scheduler)  # prunes in place after the window
+gradpruner_ds.save_pretrained(model, args.output_dir, tokenizer)  # from_pretrained loads the pruned model
