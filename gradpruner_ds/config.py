@@ -110,16 +110,12 @@ class GradPrunerConfig(BaseModel):
     criterion: str = Field(
         "shortgpt_bi",
         description=(
-            "Layer-importance criterion (higher = kept). Default 'shortgpt_bi' (block influence of the hidden "
-            "states over the window): after a full fine-tune, 3.2 points below dense at 30% of layers (four "
-            "tasks, three seeds; 'angular' 3.6, 'obd' 6.3, the paper's 'igia_sum' 7.5), 4.2 at 40% (three "
-            "seeds; 'angular' 11, 'igia_sum' 7.5, one seed) and 2.1 at 20% (one or two seeds; 'angular' 1.5, "
-            "'igia_sum' 2.9) (docs/results.md). "
-            "PAPER-FAITHFUL: 'igia_sum' "
-            "with mode 'lora' (the paper's LoRA-probe score; "
-            "reproduces arXiv 2601.19503) or mode 'full' (true gradients); 'igia_norm_sum' is the reference "
-            "code's unsquared-norm variant. Also: 'igia_relative', 'obd', 'obd_residual', 'gate_fisher', "
-            "'angular', 'last_layers', 'reverse', 'random' (docs/criteria.md)."
+            "Layer-importance criterion (higher = kept). 'shortgpt_bi' (default): block influence, 1 - cos of "
+            "each layer's input and output hidden states over the window. 'igia_sum' (the paper's score, with "
+            "mode 'lora' for its LoRA probe or 'full' for true gradients); 'igia_norm_sum' (the reference code's "
+            "variant); 'igia_relative', 'obd', 'obd_residual', 'gate_fisher', 'angular', 'last_layers', "
+            "'reverse', 'random', or a criterion registered with register_criterion (docs/criteria.md; measured "
+            "side by side in docs/results.md)."
         ),
     )
     window_steps: int | None = Field(
@@ -184,10 +180,7 @@ class GradPrunerConfig(BaseModel):
         "out like the student (whole in one process and under ZeRO-1/2; each rank's shards under ZeRO-3 and "
         "FSDP2, gathered one layer at a time in its forward), freed afterwards. With the HF Trainer, "
         "add_gradpruner adds the term to the Trainer's loss. Under ZeRO-3 and FSDP2 a peft model's teacher is its "
-        "base model with plain LoRA adapters merged in; other adapters (DoRA, modules_to_save) are refused there. "
-        "Off by default: in the full-run study (pruning after 4 steps, K 32) it lowered the final accuracy on "
-        "every seed of intent_recognition and ended level-to-lower on piqa, at 1.59x a plain step's time "
-        "(docs/results.md).",
+        "base model with plain LoRA adapters merged in; other adapters (DoRA, modules_to_save) are refused there.",
     )
     repair: RepairConfig | None = Field(
         None,

@@ -2,7 +2,10 @@
 
 Per task and budget: every arm's accuracy at each evaluation point of the run (the recovery curve), the
 final accuracy paired with the dense run of the same seed (mean +- standard error over seeds), and the
-training wall clock (evaluation excluded), so arms compare at equal steps and at equal time.
+training wall clock (evaluation excluded), so arms compare at equal steps and at equal time. Across tasks:
+the points below dense, the share of dense's accuracy kept, and the share of dense's accuracy ABOVE CHANCE
+kept, (pruned - chance) / (dense - chance): a few points on a task where dense barely beats chance are most
+of what it knows.
 
     python -m benchmarks.quality.summarize_fullrun [--out results/fullrun] [--docs]
 """
@@ -44,6 +47,23 @@ def load(out: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
     return runs
 
 
+CHANCE = {"intent_recognition": 1 / 7, "piqa": 0.5, "social_iqa": 0.335, "multiemo": 0.25}
+"""Chance accuracy of each task's test items (mean of 1 / choices over the ``--max-test 200`` split of seed 0)."""
+
+
+def kept(arms: dict[str, dict[int, dict[str, Any]]], arm: str, chance: float) -> tuple[list[float], list[float]]:
+    """Per seed with a dense run: the pruned accuracy as a share of dense's, and the share of dense's accuracy
+    above chance that the pruned model keeps, (pruned - chance) / (dense - chance)."""
+    dense = arms.get("dense", {})
+    pct, above = [], []
+    for s, r in sorted(arms.get(arm, {}).items()):
+        if s in dense:
+            d = dense[s]["acc_after"]
+            pct.append(r["acc_after"] / d)
+            above.append((r["acc_after"] - chance) / (d - chance) if d > chance else float("nan"))
+    return pct, above
+
+
 def paired(arms: dict[str, dict[int, dict[str, Any]]], arm: str) -> list[float]:
     """Final accuracy minus the dense run's of the same seed, for every seed of ``arm`` with a dense run."""
     dense = arms.get("dense", {})
@@ -57,11 +77,11 @@ def across_tasks(runs: dict[str, dict[str, dict[int, dict[str, Any]]]], budget: 
     groups = {task_of(g): arms for g, arms in sorted(runs.items()) if budget_of(g) == budget}
     tasks = sorted(groups)
     arms = sorted({a for arms in groups.values() for a in arms if a != "dense"})
-    head = ["arm", *tasks, "mean over tasks", "tasks"]
+    head = ["arm", *tasks, "mean over tasks", "% of dense kept", "above-chance share kept", "tasks"]
     lines = [f"### all tasks, {budget}% of layers removed: final accuracy minus dense (paired by seed)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for arm in arms:
-        cells, means, ses = [arm], [], []
+        cells, means, ses, pcts, aboves = [arm], [], [], [], []
         for task in tasks:
             diffs = paired(groups[task], arm)
             if not diffs:
@@ -70,12 +90,16 @@ def across_tasks(runs: dict[str, dict[str, dict[int, dict[str, Any]]]], budget: 
             m, se = mean_se(diffs)
             means.append(m)
             ses.append(se)
+            pct, above = kept(groups[task], arm, CHANCE.get(task, 0.0))
+            pcts.append(sum(pct) / len(pct))
+            aboves.append(sum(above) / len(above))
             cells.append(fmt(m, se, sign=True) + f" (n={len(diffs)})")
         if not means:
             continue
         total = sum(means) / len(means)
         se_total = None if any(e is None for e in ses) else math.sqrt(sum(e * e for e in ses)) / len(ses)  # type: ignore[operator]
-        cells += [fmt(total, se_total, sign=True), f"{len(means)}/{len(tasks)}"]
+        cells += [fmt(total, se_total, sign=True), f"{100 * sum(pcts) / len(pcts):.1f}%",
+                  f"{100 * sum(aboves) / len(aboves):.0f}%", f"{len(means)}/{len(tasks)}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
