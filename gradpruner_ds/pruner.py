@@ -30,12 +30,13 @@ import torch
 from torch import nn
 
 from gradpruner_ds.arch import ArchSpec, decoder_layers, get_arch, unwrap_model
-from gradpruner_ds.backends.plain import Backend
+from gradpruner_ds.backends import backend_for, check_backend
 from gradpruner_ds.config import GradPrunerConfig
 from gradpruner_ds.core.plan import PrunePlan
 from gradpruner_ds.diagnostics import rss_bytes
 from gradpruner_ds.engine import EngineAdapter
 from gradpruner_ds.errors import user_error
+from gradpruner_ds.guards import LoopGuard
 from gradpruner_ds.log import get_logger
 from gradpruner_ds.merging import merge_layers
 from gradpruner_ds.recovery import Distiller
@@ -83,7 +84,11 @@ class GradPruner(Resumable):
         self.config = config
         self.seed = seed  # only read by the 'random' criterion
         self.model = model
-        self.backend: EngineAdapter = backend or Backend()
+        if backend is None:  # the adapter of what the model is (DDP, FSDP2, one process)
+            backend = backend_for(model)
+        else:
+            check_backend(model, backend)
+        self.backend: EngineAdapter = backend
         # before any other collective: every rank runs the same settings (a mismatch names the field)
         self.backend.check_settings(
             {**config.model_dump(), "total_steps": total_steps, "seed": seed}, config.consensus_timeout_s
@@ -113,6 +118,7 @@ class GradPruner(Resumable):
         self._warned_eval = False
         self._bar: Any = None
         self._report = PruneReport(config.output_dir, config.plot, self.backend.rank, config.stages)
+        self._guard = LoopGuard(total_steps)
         # last (no hook may outlive a failed check above): the statistics of the first window
         self.win = self._new_window()
         igia = self.igia
@@ -255,6 +261,7 @@ class GradPruner(Resumable):
         clipping), before the optimizer step, once per optimizer step. A no-op outside them or while paused."""
         if not self.observing or self._paused or not self.backend.at_boundary():
             return
+        self._guard.observed(self.model, self.backend)
         self._warn_eval_mode()
         if self.repairer is not None:  # the repair phase: the step's sums count iff its gradients are finite
             ok, _ = gradients_finite(self.model, self.backend)
@@ -311,6 +318,9 @@ class GradPruner(Resumable):
         (:class:`Continue`). Also times the steps before and after the first cut for the report."""
         self._steps_done += 1
         self._report.tick(pruned=bool(self.stage_plans))
+        ended = self._guard.step_done(self._steps_done, self.plan is not None, self.config.enabled)
+        if ended is not None:
+            self._report.write_not_pruned(ended)
         if self.stage_plans and self.distiller is not None:  # one more step of the pruned model done
             self.distiller.step_done()
         if self._wait > 0:

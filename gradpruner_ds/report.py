@@ -28,6 +28,7 @@ def build_report(
     status.update({i: "dropped" for i in plan.dropped})
     status.update({i: f"merged->{t}" for i, t in plan.targets})
     return {
+        "pruned": not extra.get("observe_only", False),
         "plan": json.loads(plan.to_json()),
         "layers": [
             {"layer": i, "score": plan.scores[i], "status": status[i]} for i in range(plan.num_layers)
@@ -124,6 +125,18 @@ class PruneReport:
         self.data["prune_s"] = sum(e["prune_s"] for e in self.entries)
         if self.stages > 1:
             self.data["stages"] = self.entries
+
+    def write_not_pruned(self, entry: dict[str, Any]) -> None:
+        """The run ended without its prune: the report says so (rank 0; an earlier report there is replaced)."""
+        self.data = {**entry, "observe_only": False}
+        if self.output_dir is None or self.rank != 0:
+            return
+        try:
+            atomic_write_text(
+                Path(self.output_dir) / REPORT_JSON, json.dumps(self.data, indent=2, sort_keys=True)
+            )
+        except OSError as exc:
+            log.warning("could not write the GradPruner report to %s (%s)", self.output_dir, exc)
 
     def tick(self, pruned: bool) -> None:
         """One optimizer step ended (``pruned``: after the first cut): the step-time entry once measured."""

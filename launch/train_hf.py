@@ -109,8 +109,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.deepspeed and args.fsdp2:
         raise SystemExit("train_hf.py: --deepspeed and --fsdp2 exclude each other")
-    if _world() > 1 and not (args.deepspeed or args.fsdp2):
-        raise SystemExit("train_hf.py: several processes need --deepspeed PATH or --fsdp2")
 
     import torch
     from transformers import Trainer, TrainingArguments
@@ -189,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan = cb.pruner.plan if cb is not None and cb.pruner is not None else None
     summary = {
         "world": _world(),
-        "engine": "deepspeed" if args.deepspeed else ("fsdp2" if args.fsdp2 else "single"),
+        "engine": "deepspeed" if args.deepspeed else ("fsdp2" if args.fsdp2 else ("ddp" if _world() > 1 else "single")),
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "global_step": trainer.state.global_step,
         "layers_before": layers_before,

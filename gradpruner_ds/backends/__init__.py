@@ -6,6 +6,7 @@ accelerator picker). Nothing outside this package names an engine's types or att
 engine             adapter                                      module
 =================  ===========================================  ==========================================
 plain PyTorch      :class:`~.plain.Backend`                     ``plain.py``
+DDP                :class:`~.ddp.DDPBackend`                    ``ddp.py``
 DeepSpeed ZeRO-1/2 :class:`~.zero12.Zero12Backend`               ``zero12.py`` (on ``deepspeed.py``)
 DeepSpeed ZeRO-3   :class:`~.zero3.Zero3Backend`                 ``zero3.py`` (on ``deepspeed.py``)
 FSDP2              :class:`~.fsdp2.FSDP2Backend`                 ``fsdp2.py``
@@ -49,9 +50,18 @@ def is_zero3_partitioned(model: nn.Module) -> bool:
     return any(hasattr(p, "ds_tensor") for p in model.parameters())
 
 
+def is_ddp(obj: Any) -> bool:
+    """True for a ``torch.nn.parallel.DistributedDataParallel`` wrapper."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(obj, DistributedDataParallel)
+
+
 def backend_for(obj: Any, *, ds_config: Mapping[str, Any] | None = None) -> EngineAdapter:
     """The engine adapter for what the training loop holds: a DeepSpeed engine (ZeRO-1/2/3; ``ds_config`` its
-    config, default the engine's own), an FSDP2-sharded model, or a plain model (one process)."""
+    config, default the engine's own), a DDP-wrapped model, an FSDP2-sharded model, or a plain model in one
+    process. A plain model in a job of several processes is a ``gradpruner:`` error: each rank would prune on
+    its own."""
     if is_deepspeed_engine(obj):
         stage = int(obj.zero_optimization_stage())
         if stage not in (1, 2, 3):
@@ -68,18 +78,69 @@ def backend_for(obj: Any, *, ds_config: Mapping[str, Any] | None = None) -> Engi
         from gradpruner_ds.backends.zero12 import Zero12Backend
 
         return Zero12Backend(obj, config)
+    if is_ddp(obj):
+        from gradpruner_ds.backends.ddp import DDPBackend
+
+        return DDPBackend(obj)
     if is_fsdp2(obj):
         from gradpruner_ds.backends.fsdp2 import FSDP2Backend
 
         return FSDP2Backend(obj)
+    if isinstance(obj, nn.Module) and is_zero3_partitioned(obj):
+        raise user_error(
+            "the model's parameters are partitioned by DeepSpeed ZeRO-3: GradPruner needs the engine, not its module",
+            type(obj).__name__,
+            "pass the engine deepspeed.initialize returned (gradpruner_ds.for_deepspeed(engine, ds_config) or "
+            "backend_for(engine))",
+        )
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise user_error(
+            "this job has several processes but the model is not wrapped by an engine GradPruner recognises, so "
+            "every rank would measure and prune on its own",
+            f"{type(obj).__name__} in a world of {dist.get_world_size()} processes",
+            "wrap it first (DistributedDataParallel, fully_shard, deepspeed.initialize, or accelerator.prepare "
+            "with DDP / the DeepSpeed plugin) and give GradPruner the wrapped model (or engine)",
+        )
     from gradpruner_ds.backends.plain import Backend
 
     return Backend()
 
 
+def check_backend(model: Any, backend: EngineAdapter) -> None:
+    """A ``gradpruner:`` error when an adapter given by hand does not fit the model (a wrapped model with the
+    plain adapter: its ranks would measure and prune separately)."""
+    picked = None
+    if is_ddp(model) or is_fsdp2(model):
+        picked = backend_for(model)
+    if picked is not None and type(picked) is not type(backend):
+        raise user_error(
+            f"the model is wrapped by {'DDP' if is_ddp(model) else 'FSDP2'}: GradPruner needs that engine's adapter",
+            type(backend).__name__,
+            "leave backend= out (GradPruner picks the adapter from the model) or pass gradpruner_ds.backend_for(model)",
+        )
+    import torch.distributed as dist
+
+    if (
+        backend.world_size == 1
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size() > 1
+    ):
+        backend_for(model)  # the several-processes error, or the adapter's own
+        raise user_error(
+            "this job has several processes but GradPruner was given the one-process adapter",
+            type(backend).__name__,
+            "leave backend= out, or pass gradpruner_ds.backend_for(model_or_engine)",
+        )
+
+
 def holder_of(obj: Any) -> tuple[nn.Module, Gather]:
     """The module holding the weights of what a loop trains (a model or a DeepSpeed engine) and how to gather a
     group of its parameters in full on every rank (a collective under ZeRO-3 and FSDP2)."""
+    if is_ddp(obj):
+        return obj.module, _as_is
     if is_deepspeed_engine(obj):
         if int(obj.zero_optimization_stage()) == 3:
             from gradpruner_ds.backends.deepspeed import gather_full

@@ -42,6 +42,7 @@ from gradpruner_ds.backends.optimizer_state import CarriedState
 from gradpruner_ds.backends.sharded import ShardedBackend
 from gradpruner_ds.core.igia import Key, sq_norms
 from gradpruner_ds.diagnostics import release_memory
+from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
 
 log = get_logger("deepspeed")
@@ -198,6 +199,7 @@ class DeepSpeedBackend(ShardedBackend):
         old_scheduler = old.lr_scheduler
 
         _teardown(old, removed_params)
+        _mark_replaced(old)
         del old, client
         self.engine = None
         removed_params.clear()
@@ -227,8 +229,10 @@ class DeepSpeedBackend(ShardedBackend):
         dict, so code that holds ``old`` (the HF Trainer's inner loop keeps it in a local variable) drives the
         pruned engine, and this backend uses ``old`` from now on."""
         new = self.engine
-        if type(old) is not type(new):
-            raise TypeError(f"cannot rebind a {type(old).__name__} to a {type(new).__name__}")
+        cls = getattr(type(old), "_replaced_from", type(old))
+        if cls is not type(new):
+            raise TypeError(f"cannot rebind a {cls.__name__} to a {type(new).__name__}")
+        object.__setattr__(old, "__class__", type(new))
         object.__setattr__(old, "__dict__", new.__dict__)
         self.engine = old
 
@@ -240,6 +244,40 @@ def gather_full(params: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
 
     with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
         yield list(params)
+
+
+_REPLACED_FIX = (
+    "use the engine maybe_prune returned from the next step on: engine, lr_scheduler = pruner.maybe_prune(engine, "
+    "lr_scheduler) (the pruned model needs a new engine)"
+)
+
+
+def _mark_replaced(engine: Any) -> None:
+    """The torn-down engine answers every use with a ``gradpruner:`` error naming the fix (instead of
+    DeepSpeed's "'DeepSpeedEngine' object has no attribute 'optimizer'")."""
+    base = type(engine)
+
+    def refuse(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise user_error(
+            "this DeepSpeed engine was replaced at GradPruner's prune", base.__name__, _REPLACED_FIX
+        )
+
+    def getattr_(self: Any, name: str) -> Any:
+        if name.startswith("__") or name in ("_parameters", "_buffers", "_modules"):
+            raise AttributeError(name)
+        raise user_error(
+            f"this DeepSpeed engine was replaced at GradPruner's prune (used: .{name})",
+            base.__name__,
+            _REPLACED_FIX,
+        )
+
+    replaced = type(
+        f"Replaced{base.__name__}",
+        (base,),
+        {"__call__": refuse, "forward": refuse, "backward": refuse, "step": refuse, "__getattr__": getattr_,
+         "_replaced_from": base},
+    )  # fmt: skip
+    object.__setattr__(engine, "__class__", replaced)
 
 
 def _teardown(engine: Any, removed_params: list[nn.Parameter]) -> None:

@@ -146,8 +146,11 @@ class Backend:
     def reset_optimizer_state(self, stepper: Any, params: Sequence[nn.Parameter]) -> None:
         """Zero the optimizer moments of ``params`` (every tensor of their state but ``step``) in what the loop
         steps (a torch optimizer here)."""
+        opt = (
+            stepper if isinstance(stepper, torch.optim.Optimizer) else getattr(stepper, "optimizer", stepper)
+        )
         for p in params:
-            for key, value in stepper.state.get(p, {}).items():
+            for key, value in opt.state.get(p, {}).items():
                 if key != "step" and isinstance(value, torch.Tensor):
                     value.zero_()
 
@@ -269,6 +272,11 @@ class Backend:
         """Drop the removed parameters from the optimizer in place, carrying every kept parameter's
         state (e.g. Adam's exp_avg, exp_avg_sq, step). The LR scheduler keeps pointing at the same
         optimizer, so its schedule continues unchanged."""
-        if optimizer is not None:
-            prune_torch_optimizer_(optimizer, removed_params)
+        if optimizer is not None:  # a wrapper's torch optimizer (accelerate's AcceleratedOptimizer) likewise
+            inner = (
+                optimizer
+                if isinstance(optimizer, torch.optim.Optimizer)
+                else getattr(optimizer, "optimizer", optimizer)
+            )
+            prune_torch_optimizer_(inner, removed_params)
         return optimizer, lr_scheduler

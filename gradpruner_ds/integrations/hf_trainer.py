@@ -39,7 +39,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from gradpruner_ds.arch import unwrap_model
-from gradpruner_ds.backends import backend_for, forget_removed_units, teacher_for
+from gradpruner_ds.backends import backend_for, forget_removed_units, is_ddp, is_fsdp2, teacher_for
 from gradpruner_ds.checkpoint import (
     SUBDIR,
     begin_save,
@@ -277,13 +277,20 @@ class GradPrunerCallback(TrainerCallback):
                 None,
                 'pass GradPrunerCallback({"prune_ratio": 0.3, ...}) or add_gradpruner(trainer, {...})',
             )
-        backend = backend_for(model)
-        if backend.world_size == 1 and getattr(args, "world_size", 1) > 1:
+        wrapped = getattr(self.trainer, "model_wrapped", None)
+        if wrapped is not None and is_ddp(
+            wrapped
+        ):  # the Trainer's DDP (several processes, no DeepSpeed/FSDP)
+            model = wrapped
+        if getattr(args, "world_size", 1) > 1 and not (is_ddp(model) or is_fsdp2(model)):
             raise user_error(
-                "GradPrunerCallback supports one process, DeepSpeed ZeRO-1/2/3 or FSDP2 (fully_shard) sharding",
-                f"world_size {args.world_size} with neither",
-                "use a DeepSpeed config, an FSDP2-sharded model (fully_shard / DistributedConfig), or one process",
+                "GradPrunerCallback on several processes needs the Trainer's engine: DDP, DeepSpeed ZeRO-1/2/3 or "
+                "FSDP2 (fully_shard)",
+                f"world_size {args.world_size}, a bare callback cannot see the Trainer's DDP wrapper",
+                "use add_gradpruner(trainer, config) (it reaches trainer.model_wrapped), a DeepSpeed config, or an "
+                "FSDP2-sharded model",
             )
+        backend = backend_for(model)
         self.config = self._with_output_dir(self.config, args)
         self._check_distillation()
         if self._resumed_plan is None:

@@ -92,6 +92,20 @@ def test_trainer_deepspeed_matches_single_process(tmp_path, single, stage):
     assert torch.allclose(final_logits(tmp_path), final_logits(single[0]), atol=1e-4)
 
 
+@pytest.mark.skipif(tool("torchrun") is None, reason="torchrun not installed")
+def test_trainer_ddp_matches_single_process(tmp_path, single):
+    """torchrun without DeepSpeed or FSDP: the Trainer wraps the model in DDP; add_gradpruner picks the DDP
+    adapter from trainer.model_wrapped, and after the prune the Trainer's DDP object is the new wrapper."""
+    block = tmp_path / "block.json"
+    block.write_text(json.dumps(BLOCK))
+    cmd = [tool("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), SCRIPT, *COMMON,
+           "--per_device_batch", "2", "--gradpruner_config", str(block), "--output_dir", str(tmp_path)]  # fmt: skip
+    summary = check(tmp_path, launch(cmd))
+    assert summary["engine"] == "ddp" and summary["world"] == 2
+    same_run(summary, single[1])
+    assert torch.allclose(final_logits(tmp_path), final_logits(single[0]), atol=1e-4)
+
+
 @pytest.mark.skipif(tool("accelerate") is None, reason="accelerate not installed")
 def test_accelerate_launch_trainer_fsdp2_matches_single_process(tmp_path, single):
     """``accelerate launch`` on 2 CPU processes; the model is FSDP2-sharded at load time by transformers

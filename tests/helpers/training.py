@@ -314,6 +314,54 @@ def fsdp2_run(
     return run_result(out, losses, pruner)
 
 
+def ddp_run(
+    rank: int,
+    world: int,
+    block: dict,
+    steps: int,
+    micro: int,
+    gas: int,
+    clip: float,
+    num_layers: int = 6,
+    lora: bool = False,
+    save_dir: str | None = None,
+) -> dict[str, Any]:
+    """The same recipe under DDP (gloo): each rank its rows of every global micro-batch, DDP averages the
+    gradients; GradPruner picks the DDP adapter from the wrapped model. ``save_dir``: the final model written
+    there with ``gradpruner_ds.save_pretrained`` (every rank, rank 0 writes)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(make_model(num_layers, lora))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    pruner = GradPruner(model, GradPrunerConfig.from_dict(block), total_steps=steps)
+    out: dict[str, Any] = {"backend": type(pruner.backend).__name__}
+    losses = []
+    for micro_batches in global_batches(steps, world, micro, gas):
+        total = torch.zeros(1, dtype=torch.float64)
+        for b in micro_batches:
+            mine = {k: v[rank * micro : (rank + 1) * micro] for k, v in b.items()}
+            res = model(**mine)
+            loss = pruner.distill(res.loss, res.logits, mine) / gas
+            loss.backward()
+            total += loss.item()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+        pruner.observe()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        opt, sched = pruner.maybe_prune(opt, sched)
+        torch.distributed.all_reduce(total)
+        losses.append(float(total) / world)
+    if save_dir is not None:
+        import gradpruner_ds
+
+        gradpruner_ds.save_pretrained(model, save_dir)
+    return run_result(out, losses, pruner)
+
+
 def fsdp2_step(
     model: Any,
     pruner: GradPruner,

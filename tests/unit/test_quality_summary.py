@@ -169,6 +169,8 @@ def test_full_run_tables_pair_by_seed_share_dense_across_budgets_and_average_tas
     assert fullrun.paired(runs["piqa_b30"], "obd") == pytest.approx([0.02])
     text = fullrun.print_tables(tmp_path)
     assert "| obd | 0,1 | 41.0 ± 1.5 | 82.0 ± 3.0 | -3.0 ± 2.0 (n=2) | 100 | 21 |" in text
-    # over tasks: intent -3.0 (se 2.0), piqa +2.0 (one seed: no se) -> mean -0.5, no se
-    assert "| obd | -3.0 ± 2.0 (n=2) | +2.0 (n=1) | -0.5 | 2/2 |" in text
-    assert "| obd | -20.0 (n=1) | -20.0 | 1/1 |" in text  # the 40% table
+    # over tasks: intent -3.0 (se 2.0), piqa +2.0 (one seed: no se) -> mean -0.5, no se; % of dense kept: intent
+    # (85/90 + 79/80) / 2 = 96.6%, piqa 62/60 = 103.3% -> 100.0%; above chance (1/7 on intent, 1/2 on piqa):
+    # intent ((0.85-c)/(0.9-c) + (0.79-c)/(0.8-c)) / 2 = 95.9%, piqa 0.12/0.10 = 120% -> 108%
+    assert "| obd | -3.0 ± 2.0 (n=2) | +2.0 (n=1) | -0.5 | 100.0% | 108% | 2/2 |" in text
+    assert "| obd | -20.0 (n=1) | -20.0 | 77.8% | 74% | 1/1 |" in text  # the 40% table
