@@ -210,12 +210,17 @@ class DeepSpeedBackend(ShardedBackend):
         )
         if lr_scheduler is None:
             lr_scheduler = old_scheduler  # a scheduler DeepSpeed built from the config's "scheduler"
-        if lr_scheduler is not None:
+        if (
+            lr_scheduler is not None
+        ):  # it follows the new optimizer; the new engine steps it iff the old one did
             lr_scheduler.optimizer = new_client
         # the optimizer and scheduler objects are carried, so the config must not build new ones
         config = {k: v for k, v in self.ds_config.items() if k not in ("optimizer", "scheduler")}
         engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=new_client, config=config, lr_scheduler=lr_scheduler
+            model=model,
+            optimizer=new_client,
+            config=config,
+            lr_scheduler=lr_scheduler if old_scheduler is not None else None,
         )
         self.engine = engine
         self.group = engine.optimizer.dp_process_group

@@ -56,6 +56,7 @@ from gradpruner_ds.config import GradPrunerConfig, load_config
 from gradpruner_ds.consensus import wait_all
 from gradpruner_ds.core.plan import PrunePlan
 from gradpruner_ds.errors import user_error
+from gradpruner_ds.integrations.accelerate import observing_engine_wrapper
 from gradpruner_ds.log import get_logger
 from gradpruner_ds.peft_support import is_peft
 from gradpruner_ds.pruner import GradPruner
@@ -70,21 +71,6 @@ __all__ = ["GradPrunerCallback", "add_gradpruner"]
 def _torch_optimizer(optimizer: Any) -> Any:
     """accelerate wraps the torch optimizer (AcceleratedOptimizer.optimizer)."""
     return getattr(optimizer, "optimizer", optimizer)
-
-
-def _observing_engine_wrapper(engine: Any, pruner: GradPruner) -> Any:
-    """accelerate's ``DeepSpeedEngineWrapper`` with GradPruner's observation between backward and step."""
-    from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
-
-    class ObservingEngineWrapper(DeepSpeedEngineWrapper):
-        def backward(self, loss: Any, sync_gradients: bool = True, **kwargs: Any) -> None:
-            self.engine.set_gradient_accumulation_boundary(is_boundary=sync_gradients)
-            self.engine.backward(loss, **kwargs)
-            if sync_gradients:
-                pruner.observe()  # reduced (ZeRO) gradient shards, before DeepSpeed clips and steps
-                self.engine.step()
-
-    return ObservingEngineWrapper(engine)
 
 
 class GradPrunerCallback(TrainerCallback):
@@ -326,7 +312,7 @@ class GradPrunerCallback(TrainerCallback):
             self._restore()
             return
         self.pruner = for_deepspeed(engine, ds_config, total_steps=state.max_steps, config=self.config)
-        trainer.accelerator.deepspeed_engine_wrapped = _observing_engine_wrapper(engine, self.pruner)
+        trainer.accelerator.deepspeed_engine_wrapped = observing_engine_wrapper(engine, self.pruner)
         self._restore()
 
     @staticmethod

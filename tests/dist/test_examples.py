@@ -131,3 +131,18 @@ def test_the_trainer_example_under_torchrun_with_zero3(tmp_path, model_dir):
     launch([*torchrun, str(EXAMPLES / "hf_trainer.py"), "--model", str(model_dir), "--steps", "4", "--output_dir",
             str(tmp_path / "out"), "--deepspeed", str(ds)], timeout=300)  # fmt: skip
     assert _layers(tmp_path, "final") == 4
+
+
+@pytest.mark.skipif(tool("accelerate") is None, reason="accelerate not installed")
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_the_accelerate_prepare_example(tmp_path, model_dir, engine):
+    """``accelerate launch``: DDP on 2 CPU processes (MULTI_CPU; prepare wraps the model in DDP) and the DeepSpeed
+    plugin (ZeRO-2; the observation moves inside accelerator.backward, the prepared engine is rebound after the
+    prune). The plugin runs one process here: accelerate 1.15 on CPU counts one process under its DeepSpeed
+    plugin while the process group has two, and DeepSpeed then refuses the batch sizes it computed."""
+    cfg = "configs/accelerate_ddp_cpu.yaml" if engine == "ddp" else "configs/accelerate_deepspeed_plugin.yaml"
+    procs = [] if engine == "ddp" else ["--num_processes", "1"]
+    launch([tool("accelerate"), "launch", "--config_file", cfg, *procs, "--main_process_port", str(free_port()),
+            str(EXAMPLES / "accelerate_prepare.py"), "--model", str(model_dir), "--steps", "4",
+            "--output_dir", str(tmp_path / "out"), "--gradpruner_config", str(_block_file(tmp_path))], timeout=300)  # fmt: skip
+    assert _layers(tmp_path) == 4
