@@ -146,3 +146,11 @@ def test_the_accelerate_prepare_example(tmp_path, model_dir, engine):
             str(EXAMPLES / "accelerate_prepare.py"), "--model", str(model_dir), "--steps", "4",
             "--output_dir", str(tmp_path / "out"), "--gradpruner_config", str(_block_file(tmp_path))], timeout=300)  # fmt: skip
     assert _layers(tmp_path) == 4
+
+
+def test_the_trl_sft_example(tmp_path, model_dir):
+    """TRL's SFTTrainer (a Trainer subclass) with add_gradpruner, one process."""
+    pytest.importorskip("trl")
+    launch([sys.executable, str(EXAMPLES / "trl_sft.py"), "--model", str(model_dir), "--steps", "4",
+            "--output_dir", str(tmp_path / "out"), "--gradpruner_config", str(_block_file(tmp_path))])  # fmt: skip
+    assert _layers(tmp_path, "final") == 4
