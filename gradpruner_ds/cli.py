@@ -38,7 +38,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("full", "lora"), default="full")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    sub.add_parser("config", help="print the config reference (markdown)")
+    c = sub.add_parser(
+        "config", help="the config reference (markdown), or the ready configs shipped with the package"
+    )
+    c.add_argument("name", nargs="?", default=None, help="print this shipped config (e.g. zero3.json)")
+    c.add_argument("--list", action="store_true", help="list the shipped configs")
+    a = sub.add_parser("apply", help="apply a saved plan to a saved checkpoint: a from_pretrained model")
+    a.add_argument("plan", help="a gradpruner_plan.json (an observe_only run's, or any report's plan)")
+    a.add_argument("model", help="the dense model's from_pretrained folder")
+    a.add_argument("out", help="where the pruned model is written (save_pretrained)")
+    a.add_argument(
+        "--drop-merged",
+        action="store_true",
+        help="a plan with merged layers: drop them instead (the merge needs the window's IGIA, not saved)",
+    )
     e = sub.add_parser(
         "eval", help="evaluate a pruned checkpoint (and the dense one) with lm-evaluation-harness"
     )
@@ -53,11 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     if args.cmd == "config":
-        from gradpruner_ds.config import config_reference_markdown
-
-        print(config_reference_markdown(), end="")
-        return 0
+        return _config(args)
     from gradpruner_ds.errors import GradPrunerError
+
+    if args.cmd == "apply":
+        try:
+            return _apply(args)
+        except GradPrunerError as exc:
+            print(exc, file=sys.stderr)
+            return 2
     from gradpruner_ds.scale import format_dry_run
 
     if args.cmd == "eval":
@@ -129,3 +146,84 @@ def _plan(args: argparse.Namespace) -> Any:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+"""The ready configs shipped with the package (the repository's ``configs/``)."""
+
+
+def _config(args: argparse.Namespace) -> int:
+    if args.list:
+        for path in sorted(CONFIGS.iterdir()):
+            if path.suffix in (".json", ".yaml"):
+                print(path.name)
+        return 0
+    if args.name is not None:
+        path = CONFIGS / Path(args.name).name
+        if not path.is_file():
+            names = ", ".join(sorted(p.name for p in CONFIGS.iterdir()))
+            print(
+                f"gradpruner: no shipped config named {args.name!r} (got {args.name!r}). Fix: one of {names}",
+                file=sys.stderr,
+            )
+            return 2
+        print(path.read_text(), end="")
+        return 0
+    from gradpruner_ds.config import config_reference_markdown
+
+    print(config_reference_markdown(), end="")
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    """``gradpruner-ds apply PLAN MODEL OUT``: every check before the model is loaded, then the surgery and an
+    export that ``from_pretrained`` loads."""
+    from gradpruner_ds.core.plan import PrunePlan
+    from gradpruner_ds.errors import user_error
+
+    plan_path, model_dir, out = Path(args.plan), Path(args.model), Path(args.out)
+    if not plan_path.is_file():
+        raise user_error("the plan must be a file", str(plan_path), "pass the gradpruner_plan.json of a run")
+    plan = PrunePlan.from_json(plan_path.read_text())
+    if not (model_dir / "config.json").is_file():
+        raise user_error(
+            "the model must be a from_pretrained folder", str(model_dir), "pass the dense model's folder"
+        )
+    config = json.loads((model_dir / "config.json").read_text())
+    layers = config.get("num_hidden_layers", config.get("text_config", {}).get("num_hidden_layers"))
+    if config.get("gradpruner") is not None:
+        raise user_error(
+            "the model must be the dense one: it was already pruned (its config records the prune)",
+            str(model_dir),
+            "apply the plan to the model the plan was made on",
+        )
+    if layers != plan.num_layers:
+        raise user_error(
+            "the plan must be made for a model with this number of decoder layers",
+            f"plan for {plan.num_layers} layers, {model_dir} has {layers}",
+            "apply the plan to the model the plan was made on",
+        )
+    if plan.merged and not args.drop_merged:
+        raise user_error(
+            "a plan with merged layers cannot be applied offline: the merge masks come from the window's IGIA",
+            list(plan.merged),
+            "pass --drop-merged to drop them instead, or prune in the training job",
+        )
+    from gradpruner_ds.export import check_target
+
+    check_target(out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gradpruner_ds.export import save_pretrained
+    from gradpruner_ds.surgery import apply_surgery
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    apply_surgery(model, plan)
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        pass
+    save_pretrained(model, out, tokenizer)
+    print(f"gradpruner-ds apply: removed layers {list(plan.removed)} of {plan.num_layers}; wrote {out}")
+    return 0

@@ -162,12 +162,15 @@ def save_pretrained(
     *,
     max_shard_size: int | str | None = None,
     allow_non_finite: bool = False,
+    merge_lora: bool = True,
 ) -> Path:
     """Write ``model`` (an HF CausalLM, peft-wrapped, a DeepSpeed engine or FSDP2-sharded) + its config (and
     ``tokenizer``) to ``out_dir``; ``from_pretrained(out_dir)`` gives the same logits. Call on every rank.
 
     ``max_shard_size``: the largest shard (bytes or a size like ``"5GB"``); default: transformers' default.
     ``allow_non_finite``: write weights with inf/NaN values too (refused by default: a diverged run).
+    ``merge_lora``: False writes a peft model's base model without its adapters (the pruned base that the
+    adapters, saved by peft, load onto).
 
     Never removes what it did not write, refuses a folder holding files an export of ours did not write
     (``gradpruner:`` error, before any work), and replaces a previous export atomically (module docstring).
@@ -177,7 +180,7 @@ def save_pretrained(
     limit = _shard_limit(max_shard_size)
     holder, rank, gather = _holder(model)
     hf = unwrap_model(holder)
-    lora = _lora_parents(hf)
+    lora = _lora_parents(hf) if merge_lora else {}
     for adapter in lora.values():
         _factors(adapter)  # refuses adapters it cannot merge (DoRA) before any work
     names: dict[int, str] = {}

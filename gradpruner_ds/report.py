@@ -24,9 +24,10 @@ def build_report(
     plan: PrunePlan, *, params_before: int, params_after: int, extra: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The report as a dict: plan, per-layer scores and status, parameter counts, merge statistics."""
+    would = "would be " if extra.get("observe_only") else ""  # observe_only: nothing was removed
     status = {i: "kept" for i in range(plan.num_layers)}
-    status.update({i: "dropped" for i in plan.dropped})
-    status.update({i: f"merged->{t}" for i, t in plan.targets})
+    status.update({i: f"{would}dropped" for i in plan.dropped})
+    status.update({i: f"{would}merged->{t}" for i, t in plan.targets})
     return {
         "pruned": not extra.get("observe_only", False),
         "plan": json.loads(plan.to_json()),

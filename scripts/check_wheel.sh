@@ -18,5 +18,7 @@ fi
 "$work/venv/bin/gradpruner-ds" --version
 unzip -l "$wheel" | grep -q "gradpruner_ds/pruner.py"
 ! unzip -l "$wheel" | grep -q "tasks.py\|models.py"  # demo code stays out of the package
+"$work/venv/bin/gradpruner-ds" config --list > "$work/configs.txt"  # the ready configs ship in the wheel
+grep -qx "zero3.json" "$work/configs.txt"
 OMP_NUM_THREADS=1 "$work/venv/bin/python" -m torch.distributed.run --nproc_per_node 2 --master_port "${MASTER_PORT:-29517}" \
   tests/wheel/fsdp2_run.py

@@ -142,10 +142,12 @@ class DeepSpeedBackend(ShardedBackend):
 
     def log_events(self, events: Mapping[str, float], step: int) -> None:
         """DeepSpeed's monitor (the config's ``tensorboard`` / ``wandb`` / ``csv_monitor`` / ``comet`` blocks):
-        it writes on rank 0 when one is enabled."""
+        it writes on rank 0 when one is enabled, at the engine's sample count (the x-axis of DeepSpeed's own
+        series)."""
         monitor = getattr(self.engine, "monitor", None)
-        if monitor is not None and getattr(monitor, "enabled", False):
-            monitor.write_events([(name, value, step) for name, value in events.items()])
+        if monitor is not None and getattr(monitor, "enabled", False):  # DeepSpeed's own series: samples on x
+            x = int(getattr(self.engine, "global_samples", step))
+            monitor.write_events([(name, value, x) for name, value in events.items()])
 
     # ---- checkpoints: the engine's own ------------------------------------------------------------------
     def default_tag(self, stepper: Any) -> str:

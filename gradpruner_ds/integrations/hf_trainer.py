@@ -30,6 +30,7 @@ Under a DeepSpeed config the block may also live in the DeepSpeed config (``"gra
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,7 @@ class GradPrunerCallback(TrainerCallback):
         self._resumed_plan: PrunePlan | None = None  # a resumed run that was pruned before its checkpoint
         self._resumed_state: dict[str, Any] | None = None
         self._resumed_distiller: Distiller | None = None  # resumed during the distillation after the prune
+        self._base_written = False
 
     @property
     def plan(self) -> PrunePlan | None:
@@ -393,8 +395,38 @@ class GradPrunerCallback(TrainerCallback):
         from gradpruner_ds.export import save_pretrained
 
         holder = self.trainer.model_wrapped if self._deepspeed and self.trainer is not None else model
-        save_pretrained(holder, out, processing_class)
-        log.info("pruned model saved to %s", out)
+        tokenizer = processing_class or getattr(self.trainer, "processing_class", None)
+        save_pretrained(holder, out, tokenizer)
+        log.info(
+            "pruned model saved to %s (adapters merged%s)", out, ", tokenizer included" if tokenizer else ""
+        )
+
+    def point_adapters_at_pruned_base(self, folder: str | Path) -> None:
+        """After the Trainer saved a peft model's adapters into ``folder`` (their ``base_model_name_or_path`` is
+        the UNPRUNED base, which they would load onto with mismatched layers): the pruned base is written once to
+        ``<output_dir>/gradpruner_base/`` (adapters not merged) and every ``adapter_config.json`` in ``folder``
+        names it, so ``AutoPeftModelForCausalLM.from_pretrained(folder)`` loads the pruned model."""
+        trainer = self.trainer
+        if self.plan is None or trainer is None or not is_peft(trainer.model) or self.config is None:
+            return
+        if self.config.observe_only:
+            return
+        from gradpruner_ds.export import save_pretrained
+        from gradpruner_ds.io import atomic_write_text
+
+        base = (Path(trainer.args.output_dir) / "gradpruner_base").resolve()
+        if not self._base_written:  # the base weights are frozen after the prune: written once
+            holder = trainer.model_wrapped if self._deepspeed else trainer.model
+            save_pretrained(holder, base, getattr(trainer, "processing_class", None), merge_lora=False)
+            self._base_written = True
+        if getattr(trainer.args, "process_index", 0) != 0:
+            return
+        for path in sorted(Path(folder).rglob("adapter_config.json")):
+            data = json.loads(path.read_text())
+            if data.get("base_model_name_or_path") != str(base):
+                data["base_model_name_or_path"] = str(base)
+                atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
+                log.info("%s now names the pruned base %s", path, base)
 
 
 def add_gradpruner(
@@ -432,6 +464,16 @@ def add_gradpruner(
         return train(resume_from_checkpoint, *args, **kwargs)
 
     trainer.train = train_with_resume
+    save_model = trainer.save_model
+
+    def save_model_naming_the_pruned_base(
+        output_dir: str | None = None, _internal_call: bool = False
+    ) -> None:
+        """``trainer.save_model``; a pruned peft model's saved adapters then name the pruned base."""
+        save_model(output_dir, _internal_call)
+        cb.point_adapters_at_pruned_base(output_dir or trainer.args.output_dir)
+
+    trainer.save_model = save_model_naming_the_pruned_base
     if cb.config is None or cb.config.recovery is not None:  # None: the DeepSpeed block, read at train begin
         compute_loss = trainer.compute_loss
 

@@ -334,7 +334,8 @@ def _with_csv_monitor(rank: int, world: int, out: str) -> dict:
 
 
 def test_the_prune_reaches_deepspeeds_monitor(tmp_path):
-    """The config's csv_monitor (like tensorboard / wandb) receives the prune's events at the prune step."""
+    """The config's csv_monitor (like tensorboard / wandb) receives the prune's events at the prune, on the axis
+    of DeepSpeed's own series (samples)."""
     import csv
 
     r0, _ = run_ranks(_with_csv_monitor, 2, str(tmp_path))
@@ -343,7 +344,9 @@ def test_the_prune_reaches_deepspeeds_monitor(tmp_path):
     def rows(name: str) -> list[list[str]]:
         return list(csv.reader(files[f"gradpruner_{name}.csv"].open()))[1:]
 
-    assert rows("layers_after") == [[str(BLOCK["window_steps"]), "3.0"]]  # 6 layers, 3 removed, at the prune
+    # 6 layers, 3 removed, at the prune; x = the engine's sample count, the x-axis of DeepSpeed's own series
+    samples = BLOCK["window_steps"] * MICRO * GAS * 2
+    assert rows("layers_after") == [[str(samples), "3.0"]]
     removed = [i for i in range(6) if float(rows(f"removed_{i}")[0][1]) == 1.0]
     assert removed == sorted(r0["plan"]["dropped"] + r0["plan"]["merged"])
 

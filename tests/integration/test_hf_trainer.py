@@ -256,6 +256,31 @@ def test_trainer_with_peft_default_lora_leaves_a_complete_pruned_model(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gradpruner_final")
     assert loaded.config.num_hidden_layers == 4
     torch.testing.assert_close(_logits(loaded), _logits(model), rtol=1e-5, atol=1e-5)
+    # the Trainer's own save of the adapters: they now name the pruned base, and load to the same model
+    from peft import AutoPeftModelForCausalLM
+
+    trainer.save_model()
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        (tmp_path / "gradpruner_base").resolve()
+    )
+    adapted = AutoPeftModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(_logits(adapted), _logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_gradpruner_final_carries_the_trainers_tokenizer(tmp_path):
+    """The tokenizer the Trainer holds (``processing_class``) is written beside the pruned model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    from gradpruner_ds.integrations.hf_trainer import add_gradpruner
+    from launch.train import load_tokenizer
+
+    model = get_peft_model(tiny_llama(6), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    trainer = Trainer(model=model, args=_resume_args(tmp_path, save=False), train_dataset=_Data(),
+                      processing_class=load_tokenizer())  # fmt: skip
+    add_gradpruner(trainer, BLOCK)
+    trainer.train()
+    assert AutoTokenizer.from_pretrained(tmp_path / "gradpruner_final").vocab_size > 0
 
 
 KD_BLOCK = {**BLOCK, "window_steps": 2, "recovery": {"distill_steps": 3, "temperature": 2.0, "weight": 0.5}}

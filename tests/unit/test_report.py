@@ -76,6 +76,7 @@ def test_observe_only_writes_the_plan_and_prunes_nothing(tmp_path):
     assert model.config.num_hidden_layers == 4 and [id(p) for p in model.parameters()] == before
     report = json.loads((tmp_path / "gradpruner_report.json").read_text())
     assert report["observe_only"] is True and report["params_after"] < report["params_before"]
+    assert {row["status"] for row in report["layers"]} == {"kept", "would be dropped"}
     assert pruner.statistics == {}  # hooks removed, statistics freed
     del opt
 
