@@ -78,6 +78,12 @@ def read_state(folder: str | Path) -> dict[str, Any]:
             f"{path}: {exc}",
             "restore the checkpoint folder",
         ) from None
+    if not isinstance(meta, dict):
+        raise user_error(
+            "a GradPruner checkpoint's state.json must hold a JSON object",
+            f"{path}: {type(meta).__name__}",
+            "restore the checkpoint folder",
+        )
     if meta.get("schema_version") != STATE_SCHEMA_VERSION:
         raise user_error(
             f"the checkpoint's GradPruner state must have schema_version {STATE_SCHEMA_VERSION}",
@@ -104,7 +110,7 @@ def load_pruner_state(pruner: Any, folder: str | Path) -> PrunePlan | None:
         stats = read_statistics(path, state.get("save_id", ""))
     else:  # after the prune nothing is measured any more; another world size is refused by the pruner
         stats = {"recovery": None}
-    return pruner.load_state_dict({**state, "statistics": stats})
+    return pruner.load_state_dict({**state, "statistics": stats}, where=str(folder / "state.json"))
 
 
 COMPLETE = "complete.json"

@@ -207,6 +207,12 @@ class GradPrunerConfig(BaseModel):
         description="Optimizer steps from one stage's cut to the next (needed when stages > 1; at least the "
         "window plus repair.steps).",
     )
+    prune_again: bool = Field(
+        False,
+        description="Allow GradPruner on a model that was already pruned (its config records the earlier prune; "
+        "refused otherwise): layers are numbered as the model has them now, and the saved record keeps the "
+        "original model's layer count, its kept layers and every prune's digest.",
+    )
     observe_only: bool = Field(
         False,
         description="Observe, score and write the report and plan, but prune nothing: training goes on with "

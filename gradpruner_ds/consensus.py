@@ -45,6 +45,10 @@ def all_reduce_sum_(
     _wait(work, timeout_s, what or "a GradPruner all-reduce")
 
 
+GRADPRUNER_OFF: dict[str, Any] = {"gradpruner": "off"}
+"""The settings a rank with GradPruner off brings to the settings check (so every rank learns of a mismatch)."""
+
+
 def check_same_settings(
     settings: dict[str, Any], timeout_s: float, group: dist.ProcessGroup | None = None
 ) -> None:
@@ -61,6 +65,13 @@ def check_same_settings(
     if torch.equal(both[:4], -both[4:]):
         return
     every = [json.loads(b) for b in all_gather_bytes(blob.encode(), timeout_s, group, "the settings check")]
+    off = [r for r, one in enumerate(every) if one == GRADPRUNER_OFF]
+    if off:
+        on = [r for r in range(len(every)) if r not in off]
+        raise GradPrunerError(
+            f"gradpruner: GradPruner must be on on every rank or on none, but it is on on ranks {on} and off on ranks "
+            f"{off} (got --gradpruner on some ranks only). Fix: launch every rank with the same flags and config"
+        )
     fields = sorted({k for s in every for k in s if any(s.get(k) != o.get(k) for o in every)})
     values = {k: [s.get(k) for s in every] for k in fields}
     raise GradPrunerError(

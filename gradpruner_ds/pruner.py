@@ -94,6 +94,8 @@ class GradPruner(Resumable):
             {**config.model_dump(), "total_steps": total_steps, "seed": seed}, config.consensus_timeout_s
         )
         self.spec: ArchSpec = get_arch(model)
+        self.prior = _earlier_prune(model, config)
+        """The record of a prune made before this run (``prune_again``), None for a model never pruned."""
         self.num_layers = len(decoder_layers(model))
         """Decoder layers of the model as it was given (the original, dense model)."""
         self.window = config.resolve_window(total_steps)
@@ -419,9 +421,21 @@ class GradPruner(Resumable):
         whole = combine(self.stage_plans, self.num_layers)
         if len(self.stage_plans) == len(self.budgets):
             self.plan = whole
-        removed_params = apply_surgery(self.model, plan, whole)
+        removed_params = apply_surgery(self.model, plan, whole, self.prior)
         self.win.close()  # frees the IGIA state; no reference to removed parameters may survive
         return self.backend.rebuild(self.model, removed_params, optimizer, lr_scheduler)
+
+
+def _earlier_prune(model: nn.Module, config: GradPrunerConfig) -> dict[str, Any] | None:
+    """The config record of a prune made before (a ``gradpruner:`` error unless ``prune_again``)."""
+    record = getattr(unwrap_model(model).config, "gradpruner", None)
+    if record and config.enabled and not config.prune_again:
+        raise user_error(
+            "the model was already pruned (its config records a prune: a second one would overwrite that record)",
+            {k: record.get(k) for k in ("original_num_layers", "kept_layers")},
+            'start from the dense model, or set "prune_again": true to prune it further (the record keeps both)',
+        )
+    return dict(record) if record else None
 
 
 class DisabledPruner:

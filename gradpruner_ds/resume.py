@@ -6,16 +6,19 @@ no pickle)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from gradpruner_ds.arch import unwrap_model
 from gradpruner_ds.core.plan import PrunePlan
 from gradpruner_ds.errors import user_error
 from gradpruner_ds.log import get_logger
 from gradpruner_ds.recovery import Distiller
 from gradpruner_ds.repair import Repairer
 from gradpruner_ds.stages import combine
+from gradpruner_ds.state_check import check_state
 from gradpruner_ds.surgery import apply_surgery
 
 if TYPE_CHECKING:
@@ -48,6 +51,9 @@ class Resumable:
     _wait: int
     _steps_done: int
     _resumed_stage: Mapping[str, Any] | None
+    prior: dict[str, Any] | None
+    state_source: str = "the GradPruner state"
+    """The file the restored state came from (named in the errors)."""
 
     def _new_window(self) -> Window:
         raise NotImplementedError  # the pruner's
@@ -60,6 +66,7 @@ class Resumable:
         return {
             "config_digest": self.config.config_digest(),
             "num_layers": self.num_layers,
+            "model": self.model_signature(),
             "world_size": self.backend.world_size,
             **self.win.counts(),
             "plan": json.loads(self.plan.to_json()) if self.plan is not None else None,
@@ -80,10 +87,23 @@ class Resumable:
             },
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> PrunePlan | None:
-        """Restore :meth:`state_dict` into this (dense, unpruned) pruner. Returns the plan whose surgery the
-        caller replays (:meth:`replay`) when the saved run had cut layers (all stages, or the stages done so
-        far: the rest of the state is restored after that surgery), else None."""
+    def model_signature(self) -> dict[str, Any]:
+        """What identifies the model a state belongs to (checked on load: statistics of another width or family
+        would make another plan)."""
+        cfg = unwrap_model(self.model).config
+        text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+        keys = ("model_type", "hidden_size", "intermediate_size", "vocab_size", "num_attention_heads")
+        return {"num_layers": self.num_layers, **{k: getattr(text, k, getattr(cfg, k, None)) for k in keys}}
+
+    def load_state_dict(
+        self, state: Mapping[str, Any], where: str = "the GradPruner state"
+    ) -> PrunePlan | None:
+        """Restore :meth:`state_dict` into this (dense, unpruned) pruner, every field checked first
+        (:func:`gradpruner_ds.state_check.check_state`; ``where`` names the file in the errors). Returns the plan
+        whose surgery the caller replays (:meth:`replay`) when the saved run had cut layers (all stages, or the
+        stages done so far: the rest of the state is restored after that surgery), else None."""
+        check_state(state, self, where)
+        self.state_source = where
         if state["config_digest"] != self.config.config_digest():
             raise user_error(
                 "the gradpruner block must be the same as when the checkpoint was saved",
@@ -152,11 +172,13 @@ class Resumable:
             )
             self.win.skipped_steps = int(state["skipped_steps"])
             self.repairer = Repairer(self.config.repair, self.model, self.spec, self.backend, plan)
-            self.repairer.load_state_dict(pending, stats.get("repair"))
+            with _field_errors(self.state_source, "statistics.repair"):
+                self.repairer.load_state_dict(pending, stats.get("repair"))
         elif self._wait > 0:  # between stages: no window is open
             self.win.close()
         else:
-            self.win.load(state, stats)
+            with _field_errors(self.state_source, "statistics"):
+                self.win.load(state, stats)
 
     def replay(self, plan: PrunePlan, optimizer: Any = None, lr_scheduler: Any = None) -> tuple[Any, Any]:
         """Re-apply a saved plan's surgery to the dense model (resume; the plan :meth:`load_state_dict`
@@ -175,7 +197,7 @@ class Resumable:
         resumed, self._resumed_stage = self._resumed_stage, None
         stages = [plan] if resumed is None else [PrunePlan.from_dict(d) for d in resumed["stages"]]
         whole = combine(stages, self.num_layers)  # one surgery of the stages' prune on the dense model
-        removed_params = apply_surgery(self.model, whole)
+        removed_params = apply_surgery(self.model, whole, None, self.prior)
         self.stage_plans = stages
         self.win.close()
         if resumed is None:  # every stage was cut
@@ -184,3 +206,18 @@ class Resumable:
         if resumed is not None:
             self._restore_stage(resumed)
         return out
+
+
+@contextlib.contextmanager
+def _field_errors(where: str, field: str) -> Iterator[None]:
+    """A saved statistic that does not fit the model it is loaded into: a ``gradpruner:`` error naming the file."""
+    try:
+        yield
+    except (AssertionError, KeyError, RuntimeError, TypeError, ValueError) as exc:
+        if str(exc).startswith("gradpruner:"):
+            raise
+        raise user_error(
+            f"{where}: '{field}' must be the statistics of this model and gradpruner block",
+            f"{type(exc).__name__}: {exc}",
+            "resume with the model and the gradpruner block of the run that saved it",
+        ) from None

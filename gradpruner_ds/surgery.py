@@ -210,7 +210,9 @@ def remove_layers(model: Any, drop: Sequence[int]) -> list[int]:
     return kept
 
 
-def apply_surgery(model: Any, plan: PrunePlan, whole: PrunePlan | None = None) -> list[nn.Parameter]:
+def apply_surgery(
+    model: Any, plan: PrunePlan, whole: PrunePlan | None = None, prior: Mapping[str, Any] | None = None
+) -> list[nn.Parameter]:
     """Remove the plan's layers (positions in the model as it is now) from ``model`` and record the prune in its
     config (``config.gradpruner``, saved with the model); returns the removed parameters (for the engine's
     rebuild to forget). ``whole``: the prune so far in original indices (default: the plan), whose digest and
@@ -218,11 +220,20 @@ def apply_surgery(model: Any, plan: PrunePlan, whole: PrunePlan | None = None) -
     removed_params = [p for i in plan.removed for p in decoder_layers(model)[i].parameters()]
     remove_layers(model, list(plan.removed))
     whole = whole or plan
-    unwrap_model(model).config.gradpruner = {
+    record: dict[str, Any] = {
         "plan_digest": whole.digest(),
         "kept_layers": list(whole.kept),
         "original_num_layers": whole.num_layers,
     }
+    if prior:  # a model pruned before this run (prune_again): the record stays in the original model's terms
+        kept = list(prior["kept_layers"])
+        record = {
+            "plan_digest": whole.digest(),
+            "kept_layers": [kept[i] for i in whole.kept],
+            "original_num_layers": int(prior["original_num_layers"]),
+            "prunes": [*prior.get("prunes", [prior["plan_digest"]]), whole.digest()],
+        }
+    unwrap_model(model).config.gradpruner = record
     return removed_params
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from gradpruner_ds.backends import backend_for
 from gradpruner_ds.checkpoint import load_checkpoint, save_checkpoint
 from gradpruner_ds.config import load_config
+from gradpruner_ds.consensus import GRADPRUNER_OFF
 from gradpruner_ds.pruner import DisabledPruner, GradPruner
 
 __all__ = ["for_deepspeed", "load_checkpoint", "save_checkpoint"]
@@ -36,7 +37,10 @@ def for_deepspeed(
         engine.step()
         engine, lr_scheduler = pruner.maybe_prune(engine, lr_scheduler)   # new engine after the prune
     """
-    if config is None:
+    if config is None:  # GradPruner off here: the other ranks must be off too (the same settings check)
+        backend = backend_for(engine, ds_config=ds_config)
+        if backend.world_size > 1:
+            backend.check_settings(dict(GRADPRUNER_OFF), 300.0)
         return DisabledPruner()
     cfg = load_config(ds_config) if config is _FROM_BLOCK else config
     assert cfg is not None  # load_config(required=True) raises instead of returning None

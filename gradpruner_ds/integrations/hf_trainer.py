@@ -62,6 +62,7 @@ from gradpruner_ds.log import get_logger
 from gradpruner_ds.peft_support import is_peft
 from gradpruner_ds.pruner import GradPruner
 from gradpruner_ds.recovery import Distiller
+from gradpruner_ds.state_check import check_fields_present, check_plan_field
 from gradpruner_ds.surgery import apply_surgery
 
 log = get_logger("hf_trainer")
@@ -129,6 +130,8 @@ class GradPrunerCallback(TrainerCallback):
                 else "start over",
             )
         state = read_state(folder)
+        where = str(folder / "state.json")
+        check_fields_present(state, where)
         self._resume = (folder, state)
         self._resumed_state = state
         if state["plan"] is None and state.get("stages"):
@@ -141,7 +144,7 @@ class GradPrunerCallback(TrainerCallback):
             )
         if state["plan"] is None or (self.config is not None and self.config.observe_only):
             return
-        plan = PrunePlan.from_dict(state["plan"])
+        plan = check_plan_field(where, "plan", state["plan"])
         if self.config is not None and plan.config_digest != self.config.config_digest():
             raise user_error(
                 "the gradpruner block must be the same as when the checkpoint was saved",
@@ -448,6 +451,13 @@ def add_gradpruner(
                 'pass add_gradpruner(trainer, {"prune_ratio": 0.3, ...})',
             )
         config = load_config(ds)
+    if any(isinstance(c, GradPrunerCallback) for c in trainer.callback_handler.callbacks):
+        raise user_error(
+            "a Trainer takes one GradPruner: this one already has a GradPrunerCallback (a second would prune the "
+            "already pruned model again)",
+            [type(c).__name__ for c in trainer.callback_handler.callbacks],
+            "call add_gradpruner(trainer, ...) once (and pass no GradPrunerCallback in callbacks=[...] beside it)",
+        )
     cb = GradPrunerCallback(config, trainer=trainer, save_final=save_final)
     trainer.add_callback(cb)
     train = trainer.train

@@ -69,3 +69,26 @@ def test_fsdp2_picks_its_adapter_and_refuses_the_one_process_one():
     assert run_ranks(_fsdp2, 2, "none") == ["FSDP2Backend", "FSDP2Backend"]
     for msg in run_ranks(_fsdp2, 2, "plain"):
         assert msg.startswith("gradpruner: the model is wrapped by FSDP2: GradPruner needs that engine's adapter"), msg
+
+
+def _half_on(rank: int, world: int) -> str:
+    """Rank 0 runs with GradPruner, rank 1 without (one rank launched without --gradpruner)."""
+    import deepspeed
+
+    from gradpruner_ds.config import GradPrunerConfig
+    from gradpruner_ds.integrations.deepspeed import for_deepspeed
+
+    model = tiny_llama(4)
+    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2}}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=cfg)
+    try:
+        for_deepspeed(engine, cfg, config=GradPrunerConfig.from_dict(BLOCK) if rank == 0 else None)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_rank_without_gradpruner_is_the_same_error_on_every_rank():
+    for msg in run_ranks(_half_on, 2, barrier=False):
+        assert msg.startswith("gradpruner: GradPruner must be on on every rank or on none, but it is on on ranks [0] "
+                              "and off on ranks [1]"), msg  # fmt: skip

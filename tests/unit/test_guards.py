@@ -75,3 +75,37 @@ def test_a_pruned_run_reports_pruned():
     pruner.observe()
     pruner.maybe_prune()
     assert pruner.report["pruned"] is True
+
+
+def test_a_pruned_model_is_pruned_again_only_when_asked_and_keeps_every_prune_on_record(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama(6)
+    first = GradPruner(model, GradPrunerConfig.from_dict({"layers_to_remove": [1, 2], "window_steps": 1}))
+    model(**batches(1)[0]).loss.backward()
+    first.observe()
+    first.maybe_prune()
+    model.zero_grad()
+    assert model.config.gradpruner["kept_layers"] == [0, 3, 4, 5]
+    model.save_pretrained(tmp_path / "once")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "once")
+    with pytest.raises(GradPrunerError, match='already pruned.*"prune_again": true'):
+        GradPruner(reloaded, GradPrunerConfig.from_dict({"window_steps": 1, "num_drop": 1}))
+    again = GradPruner(reloaded, GradPrunerConfig.from_dict({"layers_to_remove": [1], "window_steps": 1, "prune_again": True}))
+    reloaded(**batches(1)[0]).loss.backward()
+    again.observe()
+    again.maybe_prune()
+    record = reloaded.config.gradpruner
+    assert record["original_num_layers"] == 6 and record["kept_layers"] == [0, 4, 5]  # layer 3 of the original
+    assert len(record["prunes"]) == 2
+
+
+def test_a_second_gradpruner_on_one_trainer_is_refused():
+    from transformers import Trainer, TrainingArguments
+
+    from gradpruner_ds.integrations.hf_trainer import add_gradpruner
+
+    trainer = Trainer(model=tiny_llama(4), args=TrainingArguments(output_dir="/tmp/gp_unused", report_to=[], use_cpu=True))
+    add_gradpruner(trainer, {"window_steps": 1, "num_drop": 1})
+    with pytest.raises(GradPrunerError, match="a Trainer takes one GradPruner"):
+        add_gradpruner(trainer, {"window_steps": 1, "num_drop": 1})

@@ -42,7 +42,7 @@ LAYERS = [
     {"engine", "consensus"},  # the engine contract; collectives across ranks
     {"statistics"},  # what the window measures (through the contract)
     {"backends"},  # one adapter per engine and the picker
-    {"window", "merging", "repair", "recovery", "report", "checkpoint", "resume", "guards"},  # the prune's phases, its files
+    {"window", "merging", "repair", "recovery", "report", "checkpoint", "resume", "guards", "state_check"},  # the prune's phases, its files
     {"pruner"},  # the in-job driver
     {"integrations", "export", "cli", "args", "scale", "evaluate", "__init__"},  # entry points
 ]
