@@ -64,7 +64,7 @@ def test_each_stage_is_planned_on_the_model_the_previous_left_like_a_fresh_prune
             twin = Backend().make_teacher(model).requires_grad_(True)  # a copy without the pruner's hooks
             twin_opt = _opt(twin)
             twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # torch would share the moment tensors
-            single = {**BLOCK, "stages": 1, "stage_interval": None, "num_drop": 1}
+            single = {**BLOCK, "stages": 1, "stage_interval": None, "num_drop": 1, "prune_again": i > 0}
             fresh = GradPruner(twin, GradPrunerConfig.from_dict(single))
             with pruner.paused():
                 for tb in data[i : i + WINDOW]:
