@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeat", default=DEFAULT_REPEAT, help="arms run with every seed")
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--max-steps", type=int, default=120)
+    ap.add_argument("--epochs", type=int, default=1, help="epochs of the train split (capped at --max-steps)")
     ap.add_argument("--max-test", type=int, default=200)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -78,9 +79,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def run_steps(task: str, max_steps: int, batch: int) -> int:
-    """One epoch of the train split, capped."""
-    return min(max_steps, TRAIN_ITEMS[task] // batch)
+def run_steps(task: str, max_steps: int, batch: int, epochs: int = 1) -> int:
+    """``epochs`` epochs of the train split (one by default), capped."""
+    return min(max_steps, epochs * (TRAIN_ITEMS[task] // batch))
+
+
+def group_name(args: argparse.Namespace, task: str) -> str:
+    """``<task>_b<percent>``; a protocol with other lengths gets ``_e<epochs>s<max steps>`` too."""
+    name = f"{task}_b{round(100 * args.budget)}"
+    if args.epochs != 1 or args.max_steps != 120:
+        name += f"_e{args.epochs}s{args.max_steps}"
+    return name
 
 
 def eval_points(window: int, steps: int, prune_step: int | None = None) -> list[int]:
@@ -137,7 +146,7 @@ def jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
             for arm in args.arms.split(","):
                 if i > 0 and arm not in repeat:
                     continue
-                name = f"{task}_b{round(100 * args.budget)}"
+                name = group_name(args, task)
                 out.append({"task": task, "arm": arm, "seed": seed, "group": name, "id": f"{arm}#s{seed}"})
     return out
 
@@ -186,14 +195,21 @@ def run_job(args: argparse.Namespace, job: dict[str, Any]) -> str:
     final = Path(args.out) / job["group"] / job["id"]
     if (final / "summary.json").exists():
         return f"{job['group']}/{job['id']}: done already"
-    if job["arm"] == "dense":  # the dense run does not depend on the budget: one per task and seed
-        other = sorted(Path(args.out).glob(f"{job['task']}_b*/{job['id']}/summary.json"))
+    if job["arm"] == "dense":  # the dense run does not depend on the budget: one per task, seed and length
+        def length(group: str) -> str:  # "" for the standard protocol, else "e<epochs>s<steps>"
+            return group[len(f"{job['task']}_b") :].partition("_")[2]
+
+        other = [
+            p
+            for p in sorted(Path(args.out).glob(f"{job['task']}_b*/{job['id']}/summary.json"))
+            if length(p.parent.parent.name) == length(job["group"])
+        ]
         if other:
             return f"{job['group']}/{job['id']}: done already (the budget's dense run is {other[0].parent})"
     folder = Path(args.scratch) / job["group"] / job["id"]
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    steps = run_steps(job["task"], args.max_steps, args.batch)
+    steps = run_steps(job["task"], args.max_steps, args.batch, args.epochs)
     # this checkout's gradpruner_ds, not whatever the venv's editable install points at (a grid run from a
     # worktree must run the worktree's code, and record which)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)

@@ -28,7 +28,13 @@ def task_of(group: str) -> str:
 
 
 def budget_of(group: str) -> str:
+    """``<task>_b<percent>[_e<epochs>s<steps>]`` -> ``<percent>[_e<epochs>s<steps>]`` (a table of its own)."""
     return group.rsplit("_b", 1)[1]
+
+
+def length_of(group: str) -> str:
+    """The protocol's length suffix (``e3s360``), empty for the standard one."""
+    return budget_of(group).partition("_")[2]
 
 
 def load(out: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
@@ -41,7 +47,7 @@ def load(out: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
         runs[path.parent.parent.name][s["arm"]][int(s["seed"])] = s
     for group, arms in runs.items():
         for other, other_arms in sorted(runs.items()):
-            if other != group and task_of(other) == task_of(group):
+            if other != group and task_of(other) == task_of(group) and length_of(other) == length_of(group):
                 for seed, summary in other_arms.get("dense", {}).items():
                     arms["dense"].setdefault(seed, summary)
     return runs
