@@ -261,7 +261,11 @@ def load_checkpoint(
     """Resume: restore GradPruner's state, replay the surgery if the saved run had cut layers (a new engine
     over the pruned model under DeepSpeed, the optimizer pruned in place otherwise), then the engine's own
     state. ``tag`` None: the one ``latest`` names, which must be complete. Returns ``(stepper, lr_scheduler,
-    client_state)`` -- the objects to train with from now on."""
+    client_state)`` -- the objects to train with from now on.
+
+    Safety: GradPruner's own files are JSON and safetensors (no code runs on load) and ``latest`` / ``tag`` must
+    name a folder directly inside ``load_dir``; DeepSpeed reads ITS files with pickle
+    (``torch.load(weights_only=False)``): load only DeepSpeed checkpoints you trust."""
     tag = resolve_tag(load_dir, tag)
     plan = load_pruner_state(pruner, Path(load_dir) / tag / SUBDIR) if hasattr(pruner, "state_dict") else None
     if plan is not None:

@@ -5,7 +5,9 @@
 * ``observe()`` once per optimizer step: a second call before ``maybe_prune()`` (a loop with gradient
   accumulation calling it per micro-batch) shortens the window; warned once, naming the fix;
 * a run that reaches its last step (``total_steps``) without the prune it was configured for: warned, and the
-  report says so (``"pruned": false`` with the reason).
+  report says so (``"pruned": false`` with the reason);
+* a model wrapped (``fully_shard``, DDP in a job of several processes) after GradPruner was built with the
+  one-process adapter: a ``gradpruner:`` error at the first observed step, naming the fix.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class LoopGuard:
     def observed(self, model: nn.Module, backend: EngineAdapter) -> None:
         """An observe() at an accumulation boundary of a window or repair phase: its gradients must exist here,
         and it must be the step's only one."""
+        if backend.world_size == 1:
+            _check_not_wrapped_since(model)
         if not any(backend.local_grad(p) is not None for p in model.parameters() if p.requires_grad):
             raise user_error(
                 "observe() found no gradient on this rank: it reads the step's gradients",
@@ -70,3 +74,21 @@ class LoopGuard:
             why,
         )
         return {"pruned": False, "why": f"the run ended after {steps_done} steps without the prune: {why}"}
+
+
+def _check_not_wrapped_since(model: nn.Module) -> None:
+    """The one-process adapter, yet the model's parameters are sharded now, or the job has several processes."""
+    import torch.distributed as dist
+
+    from gradpruner_ds.backends import local_tensor
+
+    sharded = any(local_tensor(p) is not p for p in model.parameters())
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if sharded or several:
+        raise user_error(
+            "the model was wrapped (or the job became distributed) after GradPruner was built with the one-process "
+            "adapter: each rank would measure and prune on its own",
+            "sharded parameters" if sharded else f"{dist.get_world_size()} processes",
+            "build GradPruner after wrapping, on the wrapped model (fully_shard / DDP / deepspeed.initialize / "
+            "accelerator.prepare); it picks the engine's adapter from it",
+        )

@@ -410,3 +410,45 @@ def test_laco_merge_rule_world2_equals_single_process(stage):
     assert all(s["mask_density"] == 1.0 == s["merged_density"] for s in ref["merge"])
     assert ref["losses"][: BLOCK["window_steps"]] == reference(2)["losses"][: BLOCK["window_steps"]]
     assert ref["losses"][BLOCK["window_steps"]] != reference(2)["losses"][BLOCK["window_steps"]]
+
+
+def _torn_fixed_tag(rank: int, world: int, ck: str) -> dict:
+    """Every step saved under ONE tag ("latest-save"); rank 1 dies inside DeepSpeed's part of the second save,
+    after the first save under the same tag committed."""
+    import os
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from gradpruner_ds import checkpoint
+
+    if rank == 1:
+        orig = DeepSpeedEngine._save_zero_checkpoint
+
+        def dying(self, *a, **kw):
+            if self.global_steps == 2:
+                os._exit(3)
+            return orig(self, *a, **kw)
+
+        DeepSpeedEngine._save_zero_checkpoint = dying
+    orig_save = checkpoint.save_checkpoint
+
+    def fixed(engine, pruner, save_dir, tag=None, *a, **kw):
+        return orig_save(engine, pruner, save_dir, "latest-save", *a, **kw)
+
+    checkpoint.save_checkpoint = fixed  # deepspeed_run imports it at its call: it gets this one
+    return deepspeed_run(rank, world, BLOCK, STEPS, 3, MICRO, GAS, CLIP, 6, False, False, False, ck, None, False, 1)
+
+
+def test_a_rank_killed_while_resaving_under_the_same_tag_is_never_resumed(tmp_path):
+    """The tag's marker goes before the second save writes anything: the torn tag (rank 0's Adam state of step
+    2 beside rank 1's of step 1) is refused, not resumed."""
+    from gradpruner_ds.checkpoint import complete, resolve_tag
+    from gradpruner_ds.errors import GradPrunerError
+
+    ck = tmp_path / "ckpt"
+    with pytest.raises(AssertionError):
+        run_ranks(_torn_fixed_tag, 2, str(ck), barrier=False, timeout=90)
+    assert (ck / "latest").read_text().strip() == "latest-save"
+    assert not complete(ck / "latest-save")
+    with pytest.raises(GradPrunerError, match="must be complete"):
+        resolve_tag(ck, None)

@@ -92,3 +92,28 @@ def test_a_rank_without_gradpruner_is_the_same_error_on_every_rank():
     for msg in run_ranks(_half_on, 2, barrier=False):
         assert msg.startswith("gradpruner: GradPruner must be on on every rank or on none, but it is on on ranks [0] "
                               "and off on ranks [1]"), msg  # fmt: skip
+
+
+def _wrapped_after(rank: int, world: int) -> str:
+    from torch.distributed.fsdp import fully_shard
+
+    from gradpruner_ds.config import GradPrunerConfig
+    from gradpruner_ds.pruner import GradPruner
+
+    model = tiny_llama(4)
+    pruner = GradPruner(model, GradPrunerConfig.from_dict(BLOCK))  # one process so far: the plain adapter
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model(**batches(1)[0]).loss.backward()
+    try:
+        pruner.observe()
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_model_wrapped_after_the_pruner_was_built_names_the_fix():
+    (msg,) = run_ranks(_wrapped_after, 1)
+    assert msg.startswith("gradpruner: the model was wrapped (or the job became distributed) after GradPruner"), msg
+    assert "build GradPruner after wrapping" in msg
