@@ -93,13 +93,19 @@ def backend_for(obj: Any, *, ds_config: Mapping[str, Any] | None = None) -> Engi
             "pass the engine deepspeed.initialize returned (gradpruner_ds.for_deepspeed(engine, ds_config) or "
             "backend_for(engine))",
         )
+    import os
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    launched = (
+        int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE", "").isdigit() else 1
+    )  # the launcher's
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else launched
+    if max(world, launched) > 1:
         raise user_error(
             "this job has several processes but the model is not wrapped by an engine GradPruner recognises, so "
             "every rank would measure and prune on its own",
-            f"{type(obj).__name__} in a world of {dist.get_world_size()} processes",
+            f"{type(obj).__name__} in a job of {max(world, launched)} processes (WORLD_SIZE {launched})",
             "wrap it first (DistributedDataParallel, fully_shard, deepspeed.initialize, or accelerator.prepare "
             "with DDP / the DeepSpeed plugin) and give GradPruner the wrapped model (or engine)",
         )
