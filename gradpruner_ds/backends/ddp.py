@@ -25,7 +25,7 @@ from torch import nn
 
 from gradpruner_ds.backends.sharded import ShardedBackend
 from gradpruner_ds.core.igia import Key
-from gradpruner_ds.core.merge import MergeRule, merge_
+from gradpruner_ds.core.merge import MergeRule
 from gradpruner_ds.engine import MergeGroup
 
 
@@ -85,26 +85,9 @@ class DDPBackend(ShardedBackend):
         merge_rule: MergeRule,
         sign_consistent: bool = True,
     ) -> dict[Key, tuple[int, int]]:
-        """Each target merged whole, identically on every rank: the masks assembled from the ranks' slices
-        (one all-reduce each), the replicated weights read as they are."""
-        counts: dict[Key, tuple[int, int]] = {}
-        for tkey, sources in groups:
-            tp = params[tkey]
-            target = tp.data.float().clone()
-            pairs = []
-            for skey, mask_piece in sources:
-                sp = params[skey]
-                full_mask = torch.zeros(sp.numel(), dtype=torch.uint8)
-                start, n = self.piece(sp)
-                full_mask[start : start + n] = mask_piece.to(torch.uint8)
-                self.all_reduce_sum_(full_mask)
-                pairs.append((sp.data.float(), full_mask.view(sp.shape).bool()))
-            added = merge_(target, pairs, merge_rule, sign_consistent)
-            for (skey, mask_piece), n_added in zip(sources, added, strict=True):
-                # the masks' pieces are disjoint; the whole merge ran on every rank: rank 0 reports its count
-                counts[skey] = (int(mask_piece.sum()), n_added if self.rank == 0 else 0)
-            tp.data.copy_(target.to(tp.dtype))
-        return counts
+        """Each target merged whole, identically on every rank, the masks assembled from the ranks' slices, the
+        replicated weights read as they are (``merge_whole``)."""
+        return self.merge_whole(params, groups, merge_rule, sign_consistent)
 
     def transform_weight(self, param: nn.Parameter, fn: Callable[[torch.Tensor], torch.Tensor]) -> int:
         """The replicated weight is whole on every rank: ``fn`` runs identically everywhere, nothing is sent."""

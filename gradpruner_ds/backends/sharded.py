@@ -8,7 +8,7 @@ whole shape (``whole_shape``)."""
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,7 +18,9 @@ from torch import nn
 from gradpruner_ds import consensus as gdist
 from gradpruner_ds.backends.plain import Backend
 from gradpruner_ds.core.igia import Key
+from gradpruner_ds.core.merge import MergeRule, merge_
 from gradpruner_ds.core.plan import PrunePlan
+from gradpruner_ds.engine import MergeGroup
 
 
 class ShardedBackend(Backend, abc.ABC):
@@ -60,6 +62,44 @@ class ShardedBackend(Backend, abc.ABC):
     @abc.abstractmethod
     def whole_shape(self, p: nn.Parameter) -> tuple[int, ...]:
         """The parameter's whole (unsharded) shape."""
+
+    # ---- replicated weights (ZeRO-1/2, DDP): edits computed whole, identically on every rank ----------------
+    def whole_value(self, p: nn.Parameter) -> torch.Tensor:
+        """The whole fp32 value of a replicated weight (overridden where the fp32 copy is partitioned)."""
+        return p.data.float().clone()
+
+    def store_whole(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        """Write a whole new value into every copy the engine keeps of a replicated weight."""
+        p.data.copy_(value.to(p.dtype))
+
+    def merge_whole(
+        self,
+        params: Mapping[Key, nn.Parameter],
+        groups: Sequence[MergeGroup],
+        merge_rule: MergeRule,
+        sign_consistent: bool,
+    ) -> dict[Key, tuple[int, int]]:
+        """Each target merged whole, one matrix at a time, identically on every rank: the masks assembled from
+        the ranks' pieces (one all-reduce each), the values from :meth:`whole_value`, the result stored with
+        :meth:`store_whole`. The mask pieces are disjoint over ranks and the whole merge ran on every rank, so only
+        rank 0 reports its merged count: the all-reduced counts are the global ones."""
+        counts: dict[Key, tuple[int, int]] = {}
+        for tkey, sources in groups:
+            tp = params[tkey]
+            target = self.whole_value(tp)
+            pairs = []
+            for skey, mask_piece in sources:
+                sp = params[skey]
+                full_mask = torch.zeros(sp.numel(), dtype=torch.uint8)
+                start, numel = self.piece(sp)
+                full_mask[start : start + numel] = mask_piece.to(torch.uint8)
+                self.all_reduce_sum_(full_mask)
+                pairs.append((self.whole_value(sp), full_mask.view(sp.shape).bool()))
+            added = merge_(target, pairs, merge_rule, sign_consistent)
+            for (skey, mask_piece), n_added in zip(sources, added, strict=True):
+                counts[skey] = (int(mask_piece.sum()), n_added if self.rank == 0 else 0)
+            self.store_whole(tp, target)
+        return counts
 
     def lora_grads(
         self, factors: Mapping[Key, tuple[nn.Parameter, nn.Parameter]]

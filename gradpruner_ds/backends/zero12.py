@@ -16,7 +16,7 @@ from torch import nn
 
 from gradpruner_ds.backends.deepspeed import DeepSpeedBackend
 from gradpruner_ds.core.igia import Key
-from gradpruner_ds.core.merge import MergeRule, merge_
+from gradpruner_ds.core.merge import MergeRule
 from gradpruner_ds.engine import MergeGroup
 
 
@@ -75,6 +75,17 @@ class Zero12Backend(DeepSpeedBackend):
         self.all_reduce_sum_(buf)
         return buf.view(p.shape)
 
+    def whole_value(self, p: nn.Parameter) -> torch.Tensor:
+        return self._full_fp32(p).clone()
+
+    def store_whole(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        """This rank's fp32 master fragment and the replicated low-precision copy."""
+        hm = getattr(p, "_hp_mapping", None)
+        if hm is not None:
+            start, numel = self.piece(p)
+            hm.get_hp_fragment().data.reshape(-1).copy_(value.reshape(-1)[start : start + numel])
+        p.data.copy_(value.to(p.dtype))
+
     def apply_merge(
         self,
         params: Mapping[Key, nn.Parameter],
@@ -82,42 +93,14 @@ class Zero12Backend(DeepSpeedBackend):
         merge_rule: MergeRule,
         sign_consistent: bool = True,
     ) -> dict[Key, tuple[int, int]]:
-        """Each target is merged whole, one matrix at a time: masks and fp32 values are assembled from
-        fragments, every rank computes the same merge, writes its master fragment and the replicated copy."""
-        counts: dict[Key, tuple[int, int]] = {}
-        for tkey, sources in groups:
-            tp = params[tkey]
-            target = self._full_fp32(tp).clone()
-            pairs = []
-            for skey, mask_piece in sources:
-                sp = params[skey]
-                full_mask = torch.zeros(sp.numel(), dtype=torch.uint8)
-                start, numel = self.piece(sp)
-                full_mask[start : start + numel] = mask_piece.to(torch.uint8)
-                self.all_reduce_sum_(full_mask)
-                pairs.append((self._full_fp32(sp), full_mask.view(sp.shape).bool()))
-            added = merge_(target, pairs, merge_rule, sign_consistent)
-            t_start, t_numel = self.piece(tp)
-            for (skey, mask_piece), n_added in zip(sources, added, strict=True):
-                # mask pieces are disjoint over ranks; the whole-matrix merge ran on every rank, so only
-                # rank 0 reports its count, and the all-reduced counts equal the global ones
-                counts[skey] = (int(mask_piece.sum()), n_added if self.rank == 0 else 0)
-            hm = getattr(tp, "_hp_mapping", None)
-            if hm is not None:
-                hm.get_hp_fragment().data.reshape(-1).copy_(target.reshape(-1)[t_start : t_start + t_numel])
-            tp.data.copy_(target.to(tp.dtype))
-        return counts
+        """Masks and fp32 values assembled from the fragments, the same merge on every rank (``merge_whole``)."""
+        return self.merge_whole(params, groups, merge_rule, sign_consistent)
 
     def transform_weight(self, param: nn.Parameter, fn: Callable[[torch.Tensor], torch.Tensor]) -> int:
         """The whole fp32 value from the ranks' master fragments (one all-reduce of this matrix), ``fn`` on every
         rank, then this rank's master fragment and the replicated low-precision copy written."""
         whole = self._full_fp32(param)
-        new = fn(whole).float()
-        hm = getattr(param, "_hp_mapping", None)
-        if hm is not None:
-            start, numel = self.piece(param)
-            hm.get_hp_fragment().data.reshape(-1).copy_(new.reshape(-1)[start : start + numel])
-        param.data.copy_(new.to(param.dtype))
+        self.store_whole(param, fn(whole).float())
         return whole.numel() * 4 if param.requires_grad else 0
 
     def reset_optimizer_state(self, stepper: Any, params: Sequence[nn.Parameter]) -> None:
