@@ -1,4 +1,5 @@
 """GradPruner in a loop driven by Hugging Face accelerate (``Accelerator.prepare``): DDP, or the DeepSpeed plugin.
+Run from the repository root (the default --text is its README).
 
     accelerate launch --config_file configs/accelerate_ddp_cpu.yaml examples/accelerate_prepare.py --model PATH \\
         --gradpruner_config configs/demo.json
@@ -44,4 +45,4 @@ for _step in range(args.steps):
     scheduler.step()
     optimizer.zero_grad()
     pruner.maybe_prune(optimizer, scheduler)  # the prepared objects stay the ones to use after the prune
-gradpruner_ds.save_pretrained(model, args.output_dir, tokenizer)  # every process; the main one writes
+gradpruner_ds.save_pretrained(model, f"{args.output_dir}/final", tokenizer)  # every process; the main one writes

@@ -1,4 +1,5 @@
-"""GradPruner in your own DeepSpeed loop (ZeRO-1/2/3), the ``"gradpruner"`` block in the DeepSpeed config.
+"""GradPruner in your own DeepSpeed loop (ZeRO-1/2/3), the ``"gradpruner"`` block in the DeepSpeed config. Run from
+the repository root (the default --text is its README).
 
     deepspeed --num_gpus 2 examples/deepspeed_loop.py --model PATH --deepspeed_config configs/zero3.json --gradpruner
 """
@@ -22,6 +23,8 @@ deepspeed.add_config_arguments(parser)  # --deepspeed, --deepspeed_config
 gradpruner_ds.add_argparse_args(parser)  # --gradpruner, --gradpruner_config
 args = parser.parse_args()
 ds_config = json.load(open(args.deepspeed_config))
+ds_config.setdefault("train_micro_batch_size_per_gpu", 2)  # configs/zero*.json leave the batch to the script
+ds_config.setdefault("gradient_accumulation_steps", 1)
 gp_config = gradpruner_ds.resolve_config(args, ds_config)  # checked now; None without --gradpruner
 
 deepspeed.init_distributed()
@@ -39,11 +42,11 @@ torch.manual_seed(engine.global_rank)
 for _step in range(args.steps):
     for _ in range(engine.gradient_accumulation_steps()):
         starts = torch.randint(0, len(tokens) - 64, (engine.train_micro_batch_size_per_gpu(),))
-        batch = torch.stack([tokens[s : s + 64] for s in starts])
+        batch = torch.stack([tokens[s : s + 64] for s in starts]).to(engine.device)
         out = engine(input_ids=batch, labels=batch)
         loss = pruner.distill(out.loss, out.logits, {"input_ids": batch, "labels": batch})  # "recovery" term
         engine.backward(loss)
         pruner.observe()  # reads this rank's reduced gradient shard; a no-op outside the window
         engine.step()
     engine, scheduler = pruner.maybe_prune(engine, scheduler)  # a new engine after the prune
-gradpruner_ds.save_pretrained(engine, args.output_dir, tokenizer)  # every rank; from_pretrained loads it
+gradpruner_ds.save_pretrained(engine, f"{args.output_dir}/final", tokenizer)  # every rank; from_pretrained loads it

@@ -1,7 +1,9 @@
-"""GradPruner inside the Hugging Face Trainer (one process, DeepSpeed via TrainingArguments.deepspeed, or FSDP2).
+"""GradPruner inside the Hugging Face Trainer: one process, DDP (torchrun without --deepspeed), DeepSpeed (a Trainer
+config with "auto" batch sizes and a "gradpruner" block). Run from the repository root (the default --text is its
+README). A model FSDP2-sharded at load time works the same way (launch/train_hf.py --fsdp2, docs/usage.md).
 
     python examples/hf_trainer.py --model PATH --gradpruner_config configs/demo.json
-    torchrun --nproc_per_node 2 examples/hf_trainer.py --model PATH --deepspeed configs/zero3.json
+    torchrun --nproc_per_node 2 examples/hf_trainer.py --model PATH --deepspeed configs/trainer_zero3.json
 """
 
 import argparse

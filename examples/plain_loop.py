@@ -1,4 +1,5 @@
-"""GradPruner in your own PyTorch loop, one process (CPU or one GPU).
+"""GradPruner in your own PyTorch loop, one process (a CPU or one GPU). Run from the repository root (the default
+--text is its README).
 
     python examples/plain_loop.py --model PATH --gradpruner --gradpruner_config configs/demo.json
 """
@@ -18,9 +19,12 @@ parser.add_argument("--output_dir", default="outputs/example_plain")
 gradpruner_ds.add_argparse_args(parser)  # --gradpruner, --gradpruner_config
 args = parser.parse_args()
 gp_config = gradpruner_ds.resolve_config(args, None)  # checked now; None without --gradpruner
+if gp_config is not None and gp_config.output_dir is None:  # the report and plan beside the model
+    gp_config = gp_config.model_copy(update={"output_dir": args.output_dir})
 
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 tokenizer = AutoTokenizer.from_pretrained(args.model)
-model = AutoModelForCausalLM.from_pretrained(args.model)
+model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
 model.train()
 tokens = tokenizer(open(args.text).read(), return_tensors="pt").input_ids[0]
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -29,7 +33,7 @@ pruner = gradpruner_ds.GradPruner(model, gp_config, total_steps=args.steps) if g
 torch.manual_seed(0)
 for _step in range(args.steps):
     starts = torch.randint(0, len(tokens) - 64, (4,))
-    batch = torch.stack([tokens[s : s + 64] for s in starts])
+    batch = torch.stack([tokens[s : s + 64] for s in starts]).to(device)
     out = model(input_ids=batch, labels=batch)
     loss = pruner.distill(out.loss, out.logits, {"input_ids": batch, "labels": batch}) if pruner else out.loss
     loss.backward()
@@ -41,4 +45,4 @@ for _step in range(args.steps):
     optimizer.zero_grad()
     if pruner:
         optimizer, scheduler = pruner.maybe_prune(optimizer, scheduler)  # prunes in place after the window
-gradpruner_ds.save_pretrained(model, args.output_dir, tokenizer)  # from_pretrained loads the pruned model
+gradpruner_ds.save_pretrained(model, f"{args.output_dir}/final", tokenizer)  # from_pretrained loads it

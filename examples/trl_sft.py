@@ -1,10 +1,12 @@
-"""GradPruner inside TRL's SFTTrainer (a transformers Trainer subclass: add_gradpruner works the same way).
+"""GradPruner inside TRL's SFTTrainer (a transformers Trainer subclass: add_gradpruner works the same way). Run from
+the repository root (the default --text is its README).
 
     python examples/trl_sft.py --model PATH --gradpruner_config configs/demo.json
 """
 
 import argparse
 
+import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
@@ -27,7 +29,7 @@ dataset = Dataset.from_list([{"text": line} for line in lines])
 model = AutoModelForCausalLM.from_pretrained(args.model)
 config = SFTConfig(
     output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=2, learning_rate=1e-4,
-    logging_steps=1, save_strategy="no", report_to=[], max_length=64, use_cpu=True,
+    logging_steps=1, save_strategy="no", report_to=[], max_length=64, use_cpu=not torch.cuda.is_available(),
 )
 trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
 add_gradpruner(trainer, block)

@@ -20,8 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--model-config",
         required=True,
-        help="a model of configs/ (llama-3.1-70b, llama-3.1-8b, mistral-7b, qwen2.5-7b, qwen3-8b), or the path of "
-        "a config.json or of a from_pretrained folder",
+        help="a built-in architecture (llama-3.1-70b, llama-3.1-8b, mistral-7b, qwen2.5-7b, qwen3-8b: the families of "
+        "the cluster configs in configs/), or the path of a config.json or of a from_pretrained folder",
     )
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument(

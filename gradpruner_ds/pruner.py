@@ -75,12 +75,14 @@ class GradPruner(Resumable):
     def __init__(
         self,
         model: nn.Module,
-        config: GradPrunerConfig,
+        config: GradPrunerConfig | Mapping[str, Any],
         *,
         total_steps: int | None = None,
         backend: EngineAdapter | None = None,
         seed: int = 0,
     ) -> None:
+        if not isinstance(config, GradPrunerConfig):  # the block as a dict: validated like a config file's
+            config = GradPrunerConfig.from_dict(config)
         self.config = config
         self.seed = seed  # only read by the 'random' criterion
         self.model = model
