@@ -451,11 +451,12 @@ def add_gradpruner(
                 'pass add_gradpruner(trainer, {"prune_ratio": 0.3, ...})',
             )
         config = load_config(ds)
-    if any(isinstance(c, GradPrunerCallback) for c in trainer.callback_handler.callbacks):
+    present = list(getattr(getattr(trainer, "callback_handler", None), "callbacks", []))
+    if any(isinstance(c, GradPrunerCallback) for c in present):
         raise user_error(
             "a Trainer takes one GradPruner: this one already has a GradPrunerCallback (a second would prune the "
             "already pruned model again)",
-            [type(c).__name__ for c in trainer.callback_handler.callbacks],
+            [type(c).__name__ for c in present],
             "call add_gradpruner(trainer, ...) once (and pass no GradPrunerCallback in callbacks=[...] beside it)",
         )
     cb = GradPrunerCallback(config, trainer=trainer, save_final=save_final)

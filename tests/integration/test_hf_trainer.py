@@ -101,6 +101,7 @@ def test_add_gradpruner_validates_the_block_before_training(tmp_path):
         args=SimpleNamespace(deepspeed={"gradpruner": {"window_steps": 2, "num_drop": 1}}),
         add_callback=added.append,
         train=lambda *a, **k: None,
+        save_model=lambda *a, **k: None,
     )
     cb = add_gradpruner(ok)
     assert added == [cb] and cb.config.num_drop == 1 and cb.trainer is ok
