@@ -57,7 +57,9 @@ CHANCE = {"intent_recognition": 1 / 7, "piqa": 0.5, "social_iqa": 0.335, "multie
 """Chance accuracy of each task's test items (mean of 1 / choices over the ``--max-test 200`` split of seed 0)."""
 
 
-def kept(arms: dict[str, dict[int, dict[str, Any]]], arm: str, chance: float) -> tuple[list[float], list[float]]:
+def kept(
+    arms: dict[str, dict[int, dict[str, Any]]], arm: str, chance: float
+) -> tuple[list[float], list[float]]:
     """Per seed with a dense run: the pruned accuracy as a share of dense's, and the share of dense's accuracy
     above chance that the pruned model keeps, (pruned - chance) / (dense - chance)."""
     dense = arms.get("dense", {})
@@ -73,7 +75,9 @@ def kept(arms: dict[str, dict[int, dict[str, Any]]], arm: str, chance: float) ->
 def paired(arms: dict[str, dict[int, dict[str, Any]]], arm: str) -> list[float]:
     """Final accuracy minus the dense run's of the same seed, for every seed of ``arm`` with a dense run."""
     dense = arms.get("dense", {})
-    return [r["acc_after"] - dense[s]["acc_after"] for s, r in sorted(arms.get(arm, {}).items()) if s in dense]
+    return [
+        r["acc_after"] - dense[s]["acc_after"] for s, r in sorted(arms.get(arm, {}).items()) if s in dense
+    ]
 
 
 def across_tasks(runs: dict[str, dict[str, dict[int, dict[str, Any]]]], budget: str) -> str:
@@ -110,6 +114,48 @@ def across_tasks(runs: dict[str, dict[str, dict[int, dict[str, Any]]]], budget: 
     return "\n".join(lines) + "\n"
 
 
+def cut_jump(arms: dict[str, dict[int, dict[str, Any]]], arm: str) -> list[float]:
+    """Per seed with a dense run: the training loss of the first batch the pruned model sees (before its first
+    update; after the last stage's cut) minus the dense run's loss on the same batch at the same step. Both runs
+    drew the same batches and were the same model up to the cut, so this is what the cut (and its repair) costs
+    with no further training, paired. Arms with logit distillation (``+kd``) log the distillation objective
+    during it, not the task loss, and are left out."""
+    if "+kd" in arm:
+        return []
+    dense = arms.get("dense", {})
+    out = []
+    for s, r in sorted(arms.get(arm, {}).items()):
+        at = r.get("prune_step", r.get("window"))
+        if s in dense and at is not None and at < min(len(r["losses"]), len(dense[s]["losses"])):
+            out.append(r["losses"][at] - dense[s]["losses"][at])
+    return out
+
+
+def cut_table(runs: dict[str, dict[str, dict[int, dict[str, Any]]]], budget: str) -> str:
+    """Across tasks at one budget: the loss jump at the cut (``cut_jump``), mean over seeds per task, and the
+    mean over the tasks that have the arm."""
+    groups = {task_of(g): arms for g, arms in sorted(runs.items()) if budget_of(g) == budget}
+    tasks = sorted(groups)
+    arms = sorted({a for arms in groups.values() for a in arms if a != "dense"})
+    head = ["arm", *tasks, "mean over tasks", "tasks"]
+    lines = [f"### all tasks, {budget}% of layers removed: training loss right after the cut minus dense "
+             "(same batch, same step)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for arm in arms:
+        cells, means = [arm], []
+        for task in tasks:
+            jumps = cut_jump(groups[task], arm)
+            if jumps:
+                m, se = mean_se(jumps)
+                means.append(m)
+                cells.append(fmt(m, se, scale=1.0, sign=True) + f" (n={len(jumps)})")
+            else:
+                cells.append("")
+        if means:
+            cells += [f"{sum(means) / len(means):+.2f}", f"{len(means)}/{len(tasks)}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def mean_se(values: list[float]) -> tuple[float, float | None]:
     m = sum(values) / len(values)
     if len(values) < 2:
@@ -119,8 +165,10 @@ def mean_se(values: list[float]) -> tuple[float, float | None]:
 
 
 def fmt(m: float, se: float | None, scale: float = 100.0, sign: bool = False) -> str:
-    body = f"{m * scale:+.1f}" if sign else f"{m * scale:.1f}"
-    return body if se is None else f"{body} ± {se * scale:.1f}"
+    """Points (``scale`` 100, one decimal) or raw values (``scale`` 1, two decimals), with the standard error."""
+    digits = 1 if scale == 100.0 else 2
+    body = f"{m * scale:+.{digits}f}" if sign else f"{m * scale:.{digits}f}"
+    return body if se is None else f"{body} ± {se * scale:.{digits}f}"
 
 
 def table(group: str, arms: dict[str, dict[int, dict[str, Any]]]) -> str:
@@ -148,7 +196,8 @@ def table(group: str, arms: dict[str, dict[int, dict[str, Any]]]) -> str:
 def print_tables(out: Path) -> str:
     runs = load(out)
     text = "\n".join(table(g, arms) for g, arms in sorted(runs.items()))
-    text += "".join("\n" + across_tasks(runs, b) for b in sorted({budget_of(g) for g in runs}))
+    for b in sorted({budget_of(g) for g in runs}):
+        text += "\n" + across_tasks(runs, b) + "\n" + cut_table(runs, b)
     print(text)
     return text
 
@@ -157,7 +206,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "results" / "fullrun"))
     ap.add_argument("--markdown", default="", help="also write the tables to this file")
-    ap.add_argument("--docs", action="store_true", help="put the tables into docs/results.md (between markers)")
+    ap.add_argument(
+        "--docs", action="store_true", help="put the tables into docs/results.md (between markers)"
+    )
     args = ap.parse_args()
     text = print_tables(Path(args.out))
     if args.markdown:
