@@ -126,8 +126,9 @@ def cut_jump(arms: dict[str, dict[int, dict[str, Any]]], arm: str) -> list[float
     out = []
     for s, r in sorted(arms.get(arm, {}).items()):
         at = r.get("prune_step", r.get("window"))
-        if s in dense and at is not None and at < min(len(r["losses"]), len(dense[s]["losses"])):
-            out.append(r["losses"][at] - dense[s]["losses"][at])
+        mine, theirs = r.get("losses", []), dense.get(s, {}).get("losses", [])
+        if at is not None and at < min(len(mine), len(theirs)):
+            out.append(mine[at] - theirs[at])
     return out
 
 

@@ -144,13 +144,13 @@ def test_docs_tables_match_committed_results():
         assert (ROOT / path).read_text() == table, path
 
 
-def write_run(out: Path, group: str, arm: str, seed: int, acc: float) -> None:
-    """One full-run cell in the format fullrun.py writes (the fields the tables read)."""
+def write_run(out: Path, group: str, arm: str, seed: int, acc: float, **fields: object) -> None:
+    """One full-run cell in the format fullrun.py writes (the fields the tables read, and any ``fields``)."""
     folder = out / group / f"{arm}#s{seed}"
     folder.mkdir(parents=True)
     curve = [{"step": 12, "accuracy": acc / 2}, {"step": 60, "accuracy": acc}]
     rec = {"arm": arm, "seed": seed, "acc_after": acc, "curve": curve, "train_s": 100.0,
-           "dense_layers": 30, "pruned_layers": 30 if arm == "dense" else 21}  # fmt: skip
+           "dense_layers": 30, "pruned_layers": 30 if arm == "dense" else 21, **fields}  # fmt: skip
     (folder / "summary.json").write_text(json.dumps(rec))
 
 
@@ -174,3 +174,24 @@ def test_full_run_tables_pair_by_seed_share_dense_across_budgets_and_average_tas
     # intent ((0.85-c)/(0.9-c) + (0.79-c)/(0.8-c)) / 2 = 95.9%, piqa 0.12/0.10 = 120% -> 108%
     assert "| obd | -3.0 ± 2.0 (n=2) | +2.0 (n=1) | -0.5 | 100.0% | 108% | 2/2 |" in text
     assert "| obd | -20.0 (n=1) | -20.0 | 77.8% | 74% | 1/1 |" in text  # the 40% table
+
+
+def test_loss_right_after_the_cut_is_paired_with_dense_on_the_same_step(tmp_path):
+    """The cut's cost with no further training: the pruned run's loss on the first batch after its (last) cut
+    minus dense's on that batch; the step is the run's prune_step, or its window for runs from before the field;
+    distillation arms (their logged loss is the distillation objective) and runs without losses are left out."""
+    fullrun = load_script("summarize_fullrun")
+    dense = [3.0, 3.1, 3.2, 3.3, 3.4, 3.5, 3.6]
+    for seed in (0, 1):
+        write_run(tmp_path, "piqa_b30", "dense", seed, 0.6, losses=dense)
+        write_run(tmp_path, "piqa_b30", "shortgpt_bi", seed, 0.55, losses=[*dense[:4], 5.0 + seed, 4.0, 3.9], window=4)
+        write_run(tmp_path, "piqa_b30", "shortgpt_bi+rep2", seed, 0.56, losses=[*dense[:6], 4.1], prune_step=6)
+        write_run(tmp_path, "piqa_b30", "shortgpt_bi+kd8", seed, 0.55, losses=[*dense[:4], 0.1, 0.1, 0.1], window=4)
+    write_run(tmp_path, "piqa_b30", "obd", 0, 0.5)  # no losses
+    runs = fullrun.load(tmp_path)["piqa_b30"]
+    assert fullrun.cut_jump(runs, "shortgpt_bi") == pytest.approx([1.6, 2.6])
+    assert fullrun.cut_jump(runs, "shortgpt_bi+rep2") == pytest.approx([0.5, 0.5])
+    assert fullrun.cut_jump(runs, "shortgpt_bi+kd8") == [] and fullrun.cut_jump(runs, "obd") == []
+    text = fullrun.print_tables(tmp_path)
+    assert "| shortgpt_bi | +2.10 ± 0.50 (n=2) | +2.10 | 1/1 |" in text
+    assert "| shortgpt_bi+rep2 | +0.50 ± 0.00 (n=2) | +0.50 | 1/1 |" in text
