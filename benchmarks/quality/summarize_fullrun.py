@@ -72,12 +72,42 @@ def kept(
     return pct, above
 
 
-def paired(arms: dict[str, dict[int, dict[str, Any]]], arm: str) -> list[float]:
-    """Final accuracy minus the dense run's of the same seed, for every seed of ``arm`` with a dense run."""
-    dense = arms.get("dense", {})
+def paired(arms: dict[str, dict[int, dict[str, Any]]], arm: str, ref: str = "dense") -> list[float]:
+    """Final accuracy minus the ``ref`` run's of the same seed, for every seed of ``arm`` with a ``ref`` run."""
+    other = arms.get(ref, {})
     return [
-        r["acc_after"] - dense[s]["acc_after"] for s, r in sorted(arms.get(arm, {}).items()) if s in dense
+        r["acc_after"] - other[s]["acc_after"] for s, r in sorted(arms.get(arm, {}).items()) if s in other
     ]
+
+
+DEFAULT = "shortgpt_bi"
+"""The default criterion's plain-removal arm: the reference of every ``<default>+<option>`` arm."""
+
+
+def versus_default(runs: dict[str, dict[str, dict[int, dict[str, Any]]]], budget: str) -> str:
+    """Across tasks at one budget: each ``<default>+<option>`` arm (repair, stages, distillation) minus plain
+    removal by the same criterion, paired by seed (the same plan inputs and batches up to the window), per
+    task and over the tasks that have the arm; the run-by-run differences are listed so two seeds read as two."""
+    groups = {task_of(g): arms for g, arms in sorted(runs.items()) if budget_of(g) == budget}
+    tasks = sorted(groups)
+    arms = sorted({a for arms in groups.values() for a in arms if a.startswith(DEFAULT + "+")})
+    head = ["arm", *tasks, "mean over tasks", "runs"]
+    lines = [f"### all tasks, {budget}% of layers removed: final accuracy minus plain `{DEFAULT}` (paired by seed)",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for arm in arms:
+        cells, means, every = [arm], [], []
+        for task in tasks:
+            diffs = paired(groups[task], arm, ref=DEFAULT)
+            if diffs:
+                means.append(sum(diffs) / len(diffs))
+                every += diffs
+                cells.append(fmt(*mean_se(diffs), sign=True) + f" (n={len(diffs)})")
+            else:
+                cells.append("")
+        if means:
+            cells += [f"{100 * sum(means) / len(means):+.1f}", " ".join(f"{100 * d:+.1f}" for d in every)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def across_tasks(runs: dict[str, dict[str, dict[int, dict[str, Any]]]], budget: str) -> str:
@@ -198,7 +228,7 @@ def print_tables(out: Path) -> str:
     runs = load(out)
     text = "\n".join(table(g, arms) for g, arms in sorted(runs.items()))
     for b in sorted({budget_of(g) for g in runs}):
-        text += "\n" + across_tasks(runs, b) + "\n" + cut_table(runs, b)
+        text += "\n" + across_tasks(runs, b) + "\n" + versus_default(runs, b) + "\n" + cut_table(runs, b)
     print(text)
     return text
 
