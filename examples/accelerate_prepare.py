@@ -46,3 +46,4 @@ for _step in range(args.steps):
     optimizer.zero_grad()
     pruner.maybe_prune(optimizer, scheduler)  # the prepared objects stay the ones to use after the prune
 gradpruner_ds.save_pretrained(model, f"{args.output_dir}/final", tokenizer)  # every process; the main one writes
+accelerator.end_training()  # ends the processes together (on CPU, gloo can abort one at exit otherwise)

@@ -50,3 +50,5 @@ for _step in range(args.steps):
         engine.step()
     engine, scheduler = pruner.maybe_prune(engine, scheduler)  # a new engine after the prune
 gradpruner_ds.save_pretrained(engine, f"{args.output_dir}/final", tokenizer)  # every rank; from_pretrained loads it
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()  # end the ranks together (on CPU, gloo can abort a rank at exit otherwise)

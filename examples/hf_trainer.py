@@ -39,3 +39,6 @@ add_gradpruner(trainer, block)  # block None: the "gradpruner" block of the Deep
 trainer.train()
 # the pruned model from whatever holds it (one process, DeepSpeed engine, FSDP2); every rank, rank 0 writes
 gradpruner_ds.save_pretrained(trainer.model_wrapped, f"{args.output_dir}/final", tokenizer)
+# several processes: end them together (on CPU, gloo can abort one at interpreter exit otherwise)
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()

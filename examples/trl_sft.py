@@ -35,3 +35,6 @@ trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing
 add_gradpruner(trainer, block)
 trainer.train()
 gradpruner_ds.save_pretrained(trainer.model_wrapped, f"{args.output_dir}/final", tokenizer)
+# several processes: end them together (on CPU, gloo can abort one at interpreter exit otherwise)
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
