@@ -107,7 +107,7 @@ def versus_default(runs: dict[str, dict[str, dict[int, dict[str, Any]]]], budget
         if means:
             cells += [f"{100 * sum(means) / len(means):+.1f}", " ".join(f"{100 * d:+.1f}" for d in every)]
             lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" if len(lines) > 4 else ""  # no such arm at this budget: no table
 
 
 def across_tasks(runs: dict[str, dict[str, dict[int, dict[str, Any]]]], budget: str) -> str:
@@ -162,6 +162,53 @@ def cut_jump(arms: dict[str, dict[int, dict[str, Any]]], arm: str) -> list[float
     return out
 
 
+SPANS = ((12, 20), (20, 36), (36, 68), (68, None))
+"""Step ranges of the training-loss comparison: from the repair arms' cut (step 12) to the end, split at the
+evaluation points."""
+
+
+def loss_gap(
+    arms: dict[str, dict[int, dict[str, Any]]], arm: str, ref: str, lo: int, hi: int | None
+) -> list[float]:
+    """Per seed with a ``ref`` run: the mean training loss over steps ``lo .. hi-1`` minus ``ref``'s over the same
+    steps (the same batches: both runs draw the same data order)."""
+    out = []
+    for s, r in sorted(arms.get(arm, {}).items()):
+        mine, theirs = r.get("losses", []), arms.get(ref, {}).get(s, {}).get("losses", [])
+        end = min(len(mine), len(theirs), hi or len(mine))  # a shorter run (60 steps): its part of the range
+        if "+kd" not in arm and lo < end:
+            out.append(sum(mine[lo:end]) / (end - lo) - sum(theirs[lo:end]) / (end - lo))
+    return out
+
+
+def loss_table(runs: dict[str, dict[str, dict[int, dict[str, Any]]]], budget: str) -> str:
+    """Per task at one budget: plain removal's training loss minus dense's, and each ``<default>+<option>``
+    arm's minus plain removal's, over the step ranges ``SPANS`` (mean over seeds): whether a difference at the
+    cut lasts, and what stays between the pruned and the dense model."""
+    groups = {task_of(g): arms for g, arms in sorted(runs.items()) if budget_of(g) == budget}
+    head = [
+        "task",
+        "arm",
+        "minus",
+        "seeds",
+        *[f"steps {lo}-{'end' if hi is None else hi - 1}" for lo, hi in SPANS],
+    ]
+    lines = [f"### all tasks, {budget}% of layers removed: training loss minus the reference (same batches), "
+             "mean over step ranges", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    compared = False
+    for task, arms in sorted(groups.items()):
+        options = sorted(a for a in arms if a.startswith(DEFAULT + "+") and "+kd" not in a)
+        for arm, ref in [(DEFAULT, "dense")] + [(a, DEFAULT) for a in options]:
+            gaps = [loss_gap(arms, arm, ref, lo, hi) for lo, hi in SPANS]
+            if not any(gaps):
+                continue
+            compared |= ref == DEFAULT
+            seeds = max(len(g) for g in gaps)
+            cells = [task, arm, ref, str(seeds), *[f"{sum(g) / len(g):+.2f}" if g else "" for g in gaps]]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" if compared else ""  # plain - dense alone: nothing to compare
+
+
 def cut_table(runs: dict[str, dict[str, dict[int, dict[str, Any]]]], budget: str) -> str:
     """Across tasks at one budget: the loss jump at the cut (``cut_jump``), mean over seeds per task, and the
     mean over the tasks that have the arm."""
@@ -184,7 +231,7 @@ def cut_table(runs: dict[str, dict[str, dict[int, dict[str, Any]]]], budget: str
         if means:
             cells += [f"{sum(means) / len(means):+.2f}", f"{len(means)}/{len(tasks)}"]
             lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" if len(lines) > 4 else ""
 
 
 def mean_se(values: list[float]) -> tuple[float, float | None]:
@@ -228,7 +275,11 @@ def print_tables(out: Path) -> str:
     runs = load(out)
     text = "\n".join(table(g, arms) for g, arms in sorted(runs.items()))
     for b in sorted({budget_of(g) for g in runs}):
-        text += "\n" + across_tasks(runs, b) + "\n" + versus_default(runs, b) + "\n" + cut_table(runs, b)
+        text += "".join(
+            "\n" + t
+            for t in (across_tasks(runs, b), versus_default(runs, b), cut_table(runs, b), loss_table(runs, b))
+            if t
+        )
     print(text)
     return text
 

@@ -174,6 +174,8 @@ def test_full_run_tables_pair_by_seed_share_dense_across_budgets_and_average_tas
     # intent ((0.85-c)/(0.9-c) + (0.79-c)/(0.8-c)) / 2 = 95.9%, piqa 0.12/0.10 = 120% -> 108%
     assert "| obd | -3.0 ± 2.0 (n=2) | +2.0 (n=1) | -0.5 | 100.0% | 108% | 2/2 |" in text
     assert "| obd | -20.0 (n=1) | -20.0 | 77.8% | 74% | 1/1 |" in text  # the 40% table
+    # no <default>+<option> arm and no run with losses: those two tables are left out, not printed empty
+    assert "minus plain" not in text and "right after the cut" not in text
 
 
 def test_loss_right_after_the_cut_is_paired_with_dense_on_the_same_step(tmp_path):
@@ -198,3 +200,24 @@ def test_loss_right_after_the_cut_is_paired_with_dense_on_the_same_step(tmp_path
     # against plain removal by the same criterion, seed by seed: 0.56 - 0.55 on both seeds
     assert fullrun.paired(runs, "shortgpt_bi+rep2", ref="shortgpt_bi") == pytest.approx([0.01, 0.01])
     assert "| shortgpt_bi+rep2 | +1.0 ± 0.0 (n=2) | +1.0 | +1.0 +1.0 |" in text
+
+
+def test_training_loss_over_step_ranges_against_plain_removal_and_dense(tmp_path):
+    """Whether a difference at the cut lasts: the mean training loss over each step range (a run shorter than
+    the range counts its own part), plain removal against dense and each option against plain removal."""
+    fullrun = load_script("summarize_fullrun")
+    steps = 40
+    dense = [1.0] * steps
+    plain = [1.0] * 4 + [2.0] * 16 + [1.5] * (steps - 20)
+    rep = [1.0] * 12 + [1.75] * 8 + [1.5] * (steps - 20)
+    for seed in (0, 1):
+        write_run(tmp_path, "piqa_b30", "dense", seed, 0.6, losses=dense)
+        write_run(tmp_path, "piqa_b30", "shortgpt_bi", seed, 0.55, losses=plain)
+        write_run(tmp_path, "piqa_b30", "shortgpt_bi+rep8", seed, 0.55, losses=rep, prune_step=12)
+    runs = fullrun.load(tmp_path)["piqa_b30"]
+    assert fullrun.loss_gap(runs, "shortgpt_bi+rep8", "shortgpt_bi", 12, 20) == pytest.approx([-0.25, -0.25])
+    assert fullrun.loss_gap(runs, "shortgpt_bi", "dense", 36, 68) == pytest.approx([0.5, 0.5])  # steps 36-39
+    assert fullrun.loss_gap(runs, "shortgpt_bi", "dense", 68, None) == []  # the runs end before step 68
+    text = fullrun.print_tables(tmp_path)
+    assert "| piqa | shortgpt_bi | dense | 2 | +1.00 | +0.50 | +0.50 |  |" in text
+    assert "| piqa | shortgpt_bi+rep8 | shortgpt_bi | 2 | -0.25 | +0.00 | +0.00 |  |" in text
