@@ -37,6 +37,15 @@ def length_of(group: str) -> str:
     return budget_of(group).partition("_")[2]
 
 
+def label(budget: str) -> str:
+    """``30`` -> ``30% of layers removed``; ``30_e3s360`` -> ``30% of layers removed, 3 epochs capped at 360 steps``."""
+    percent, _, length = budget.partition("_")
+    if not length:
+        return f"{percent}% of layers removed"
+    epochs, _, steps = length[1:].partition("s")
+    return f"{percent}% of layers removed, {epochs} epochs capped at {steps} steps"
+
+
 def load(out: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
     """group -> arm -> seed -> summary. The dense run does not depend on the budget: a group without the
     dense run of a seed borrows it from another budget's group of the same task (one dense run per task and
@@ -92,7 +101,7 @@ def versus_default(runs: dict[str, dict[str, dict[int, dict[str, Any]]]], budget
     tasks = sorted(groups)
     arms = sorted({a for arms in groups.values() for a in arms if a.startswith(DEFAULT + "+")})
     head = ["arm", *tasks, "mean over tasks", "runs"]
-    lines = [f"### all tasks, {budget}% of layers removed: final accuracy minus plain `{DEFAULT}` (paired by seed)",
+    lines = [f"### all tasks, {label(budget)}: final accuracy minus plain `{DEFAULT}` (paired by seed)",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for arm in arms:
         cells, means, every = [arm], [], []
@@ -118,7 +127,7 @@ def across_tasks(runs: dict[str, dict[str, dict[int, dict[str, Any]]]], budget: 
     tasks = sorted(groups)
     arms = sorted({a for arms in groups.values() for a in arms if a != "dense"})
     head = ["arm", *tasks, "mean over tasks", "% of dense kept", "above-chance share kept", "tasks"]
-    lines = [f"### all tasks, {budget}% of layers removed: final accuracy minus dense (paired by seed)", "",
+    lines = [f"### all tasks, {label(budget)}: final accuracy minus dense (paired by seed)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for arm in arms:
         cells, means, ses, pcts, aboves = [arm], [], [], [], []
@@ -193,7 +202,7 @@ def loss_table(runs: dict[str, dict[str, dict[int, dict[str, Any]]]], budget: st
         "seeds",
         *[f"steps {lo}-{'end' if hi is None else hi - 1}" for lo, hi in SPANS],
     ]
-    lines = [f"### all tasks, {budget}% of layers removed: training loss minus the reference (same batches), "
+    lines = [f"### all tasks, {label(budget)}: training loss minus the reference (same batches), "
              "mean over step ranges", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     compared = False
     for task, arms in sorted(groups.items()):
@@ -216,7 +225,7 @@ def cut_table(runs: dict[str, dict[str, dict[int, dict[str, Any]]]], budget: str
     tasks = sorted(groups)
     arms = sorted({a for arms in groups.values() for a in arms if a != "dense"})
     head = ["arm", *tasks, "mean over tasks", "tasks"]
-    lines = [f"### all tasks, {budget}% of layers removed: training loss right after the cut minus dense "
+    lines = [f"### all tasks, {label(budget)}: training loss right after the cut minus dense "
              "(same batch, same step)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for arm in arms:
         cells, means = [arm], []

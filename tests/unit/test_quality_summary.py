@@ -221,3 +221,9 @@ def test_training_loss_over_step_ranges_against_plain_removal_and_dense(tmp_path
     text = fullrun.print_tables(tmp_path)
     assert "| piqa | shortgpt_bi | dense | 2 | +1.00 | +0.50 | +0.50 |  |" in text
     assert "| piqa | shortgpt_bi+rep8 | shortgpt_bi | 2 | -0.25 | +0.00 | +0.00 |  |" in text
+
+
+def test_longer_protocols_are_named_in_the_table_titles():
+    fullrun = load_script("summarize_fullrun")
+    assert fullrun.label("30") == "30% of layers removed"
+    assert fullrun.label("30_e3s360") == "30% of layers removed, 3 epochs capped at 360 steps"
